@@ -1,0 +1,75 @@
+"""Turns ledger occurrences into named, de-duplicated Findings and applies the on_finding policy."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+from typing import Callable, Sequence, Union
+
+from .findings import SEVERITY, Finding, GradientBugError, GradientWarning, format_message
+from .ledger import Occurrence
+
+OnFinding = Union[str, Callable[[Finding], None]]
+POLICIES = ("warn", "raise", "record")
+MAX_DISTINCT = 1000  # past this many distinct findings, new ones are counted into the first of their kind
+
+
+class FindingLog:
+    """Each distinct problem (kind, parameters) once, with a count; new ones go through the policy."""
+
+    def __init__(self, names: Sequence[str], on_finding: OnFinding) -> None:
+        self._names = list(names)
+        self._on_finding = on_finding
+        self.findings: list[Finding] = []
+        self._position: dict[tuple[str, tuple[int, ...]], int] = {}
+        self._first_of_kind: dict[str, int] = {}
+        self._callback_failed = False
+
+    def record(self, occurrences: list[Occurrence]) -> None:
+        """Count known problems, name and dispatch new ones (may raise GradientBugError)."""
+        if not occurrences:
+            return
+        new = []
+        for occ in occurrences:
+            key = (occ.kind, occ.params)
+            pos = self._position.get(key)
+            if pos is None and len(self.findings) >= MAX_DISTINCT:
+                pos = self._first_of_kind.get(occ.kind)
+            if pos is not None:
+                self.findings[pos] = replace(self.findings[pos], count=self.findings[pos].count + 1)
+                continue
+            names = tuple(self._names[i] for i in occ.params)
+            message = format_message(occ.kind, names, occ.step, occ.backward, occ.detail)
+            finding = Finding(occ.kind, SEVERITY[occ.kind], occ.step, occ.backward, names, message)
+            self._position[key] = len(self.findings)
+            self._first_of_kind.setdefault(occ.kind, len(self.findings))
+            self.findings.append(finding)
+            new.append(finding)
+        if new:
+            self._dispatch(new)
+
+    def _dispatch(self, new: list[Finding]) -> None:
+        policy = self._on_finding
+        if policy == "record":
+            return
+        if policy == "warn":
+            for finding in new:
+                warnings.warn(f"gradwatch: {finding.kind}: {finding.message}", GradientWarning, stacklevel=3)
+        elif policy == "raise":
+            bugs = [f for f in new if f.severity != "info"]
+            if bugs:
+                raise GradientBugError("\n".join(str(f) for f in bugs), tuple(bugs))
+        elif callable(policy):
+            for finding in new:
+                try:
+                    policy(finding)
+                except GradientBugError:
+                    raise
+                except Exception as error:  # noqa: BLE001 - the user's callback must not break training
+                    if not self._callback_failed:
+                        self._callback_failed = True
+                        warnings.warn(
+                            f"gradwatch: the on_finding callback raised {error!r}; further errors from it are ignored",
+                            GradientWarning,
+                            stacklevel=3,
+                        )

@@ -1,0 +1,116 @@
+"""Finding kinds, severities, message texts, and the public Finding/exception types."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+UNCLEARED = "uncleared-gradient"
+STALE = "stale-gradient"
+DISCARDED = "discarded-gradient"
+EMPTY_STEP = "empty-step"
+ACCUMULATION_MISMATCH = "accumulation-mismatch"
+ORPHAN = "orphan-gradient"
+NON_FINITE = "non-finite-gradient"
+DANGLING = "dangling-gradient"
+UNUSED = "unused-parameter"
+
+SEVERITY: Mapping[str, str] = {
+    UNCLEARED: "error",
+    STALE: "error",
+    DISCARDED: "error",
+    EMPTY_STEP: "error",
+    ACCUMULATION_MISMATCH: "error",
+    ORPHAN: "error",
+    NON_FINITE: "error",
+    DANGLING: "warning",
+    UNUSED: "info",
+}
+KINDS: tuple[str, ...] = tuple(SEVERITY)
+
+# Each template gets: params (names, shortened), step, backward, and the occurrence's detail fields.
+_MESSAGES: Mapping[str, str] = {
+    UNCLEARED: (
+        "backward pass {backward} accumulated into the .grad of {params} that optimizer step {prev_step} had "
+        "already consumed, with nothing clearing it in between, so the next step applied that old gradient again. "
+        "Call optimizer.zero_grad() after optimizer.step() (or before each accumulation window)."
+    ),
+    STALE: (
+        "optimizer step {step} consumed the .grad of {params} again although no backward pass ran since "
+        "the previous step used it: the same gradient was applied twice. Call loss.backward() before each "
+        "optimizer.step() and optimizer.zero_grad() after it."
+    ),
+    DISCARDED: (
+        "{source} cleared {fresh} backward pass(es) of gradient in {params} before any optimizer step "
+        "consumed them. Move zero_grad() after optimizer.step() (it must not run inside the accumulation "
+        "window or between backward() and step())."
+    ),
+    EMPTY_STEP: (
+        "optimizer step {step} ran while none of its parameters ({params}) held a fresh gradient, so it "
+        "updated nothing. Call loss.backward() before optimizer.step(), and do not clear gradients between them."
+    ),
+    ACCUMULATION_MISMATCH: (
+        "optimizer step {step} consumed {window} backward pass(es) but accumulation_steps={expected}. "
+        "Check the window arithmetic (e.g. (i + 1) % accumulation_steps == 0), stray backward passes "
+        "(sanity checks, validation) and skipped steps."
+    ),
+    ORPHAN: (
+        "{params} received gradients in backward pass {backward} but belong(s) to no watched optimizer, so "
+        "they are never updated. Pass them to the optimizer, or freeze them with requires_grad_(False)."
+    ),
+    NON_FINITE: (
+        "backward pass {backward} put NaN or Inf into the .grad of {params}, and an optimizer step consumed "
+        "it. Look for log(0), division by zero or overflow in the loss, or skip such batches "
+        "(clear the gradients instead of stepping)."
+    ),
+    DANGLING: (
+        "at the end of the run {fresh} backward pass(es) of gradient in {params} were never consumed by an "
+        "optimizer step (a partial final accumulation window). Step on the last partial window, or drop it "
+        "explicitly with zero_grad()."
+    ),
+    UNUSED: (
+        "{params} never received a gradient although optimizer steps ran. If that is intended (a frozen or "
+        "unused branch), set requires_grad_(False); otherwise check that the forward pass uses them."
+    ),
+}
+
+
+class GradientBugError(Exception):
+    """A gradient-lifecycle bug; ``.findings`` holds the findings that caused it."""
+
+    def __init__(self, message: str, findings: tuple[Finding, ...] = ()) -> None:
+        super().__init__(message)
+        self.findings = tuple(findings)
+
+
+class GradientWarning(UserWarning):
+    """The category of every warning gradwatch issues."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One distinct gradient-lifecycle problem, first seen at ``step``/``backward``, ``count`` times so far."""
+
+    kind: str
+    severity: str
+    step: int
+    backward: int
+    params: tuple[str, ...]
+    message: str
+    count: int = 1
+
+    def __str__(self) -> str:
+        times = f" (x{self.count})" if self.count > 1 else ""
+        return f"[{self.severity}] {self.kind}{times}: {self.message}"
+
+
+def shorten(names: tuple[str, ...], limit: int = 4) -> str:
+    """'a, b, c and 5 more' for messages; the Finding keeps the full tuple."""
+    if len(names) <= limit:
+        return ", ".join(names)
+    return f"{', '.join(names[:limit])} and {len(names) - limit} more"
+
+
+def format_message(kind: str, params: tuple[str, ...], step: int, backward: int, detail: Mapping[str, object]) -> str:
+    """The user-facing message of a finding kind."""
+    return _MESSAGES[kind].format(params=shorten(params), step=step, backward=backward, **detail)

@@ -1,0 +1,227 @@
+"""Every hook, handle and wrapper gradwatch puts on the user's objects, and their removal.
+
+PyTorch calls in here; the calls go out to a ``Receiver`` as plain events. Hooks capture only small
+objects (indices, the receiver, weak references), never a parameter, model or gradient: a
+post-accumulate-grad hook that captures its parameter is never collected.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import weakref
+from typing import Any, Callable, Iterable, Protocol, Sequence
+
+import torch
+
+from .findings import GradientBugError
+
+_current_task: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", lambda: 0)
+_queue_callback = torch.autograd.Variable._execution_engine.queue_callback
+
+
+class Receiver(Protocol):
+    """What the hooks report to."""
+
+    def on_backward_start(self, index: int, param: torch.Tensor) -> None: ...
+    def on_backward_end(self, grads: dict[int, torch.Tensor | None]) -> None: ...
+    def on_step_pre(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None: ...
+    def on_step_post(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None: ...
+    def on_optimizer_cleared(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None: ...
+    def on_module_cleared(self, module: torch.nn.Module) -> None: ...
+    def internal_error(self, error: BaseException, where: str) -> None: ...
+
+
+def _guard(receiver: Receiver, where: str, call: Callable[..., None], *args: Any) -> None:
+    """Run a receiver call; only GradientBugError (on_finding="raise") may reach the training loop."""
+    try:
+        call(*args)
+    except GradientBugError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a debugging tool must never break training
+        receiver.internal_error(error, where)
+
+
+class BackwardGrouper:
+    """Groups post-accumulate-grad hook calls into backward passes.
+
+    A backward pass is a graph task; the first hook of one queues an end-of-backward callback. A reentrant
+    checkpoint runs nested graph tasks inside the outer one: they belong to the same backward pass.
+    """
+
+    __slots__ = ("_receiver", "_open", "_task", "grads")
+
+    def __init__(self, receiver: Receiver) -> None:
+        self._receiver = receiver
+        self._open: list[int] = []
+        self._task: int | None = None
+        self.grads: dict[int, torch.Tensor | None] = {}
+
+    def record(self, index: int, param: torch.Tensor) -> None:
+        """Hot path: one call per parameter per backward pass."""
+        task = _current_task()
+        if task != self._task:
+            self._enter(task, index, param)
+        self.grads[index] = param.grad
+
+    def _enter(self, task: int, index: int, param: torch.Tensor) -> None:
+        self._task = task
+        if task in self._open:
+            return
+        starting = not self._open
+        self._open.append(task)
+        _queue_callback(functools.partial(self._task_done, task))
+        if starting:
+            _guard(self._receiver, "backward", self._receiver.on_backward_start, index, param)
+
+    def _task_done(self, task: int) -> None:
+        if task in self._open:
+            self._open.remove(task)
+        self._task = None
+        if not self._open:
+            self._close()
+
+    def _close(self) -> None:
+        grads, self.grads = self.grads, {}
+        self._open.clear()
+        self._task = None
+        _guard(self._receiver, "backward", self._receiver.on_backward_end, grads)
+
+    def close_stale(self) -> None:
+        """Close a backward pass whose end callback never ran (it raised); call outside any backward."""
+        if self._open and _current_task() == -1:
+            self._close()
+
+
+class _AccumulateHook:
+    __slots__ = ("index", "grouper")
+
+    def __init__(self, index: int, grouper: BackwardGrouper) -> None:
+        self.index = index
+        self.grouper = grouper
+
+    def __call__(self, param: torch.Tensor) -> None:
+        self.grouper.record(self.index, param)
+
+
+class _StepHook:
+    __slots__ = ("receiver", "grouper", "opt_index", "post")
+
+    def __init__(self, receiver: Receiver, grouper: BackwardGrouper, opt_index: int, post: bool) -> None:
+        self.receiver, self.grouper, self.opt_index, self.post = receiver, grouper, opt_index, post
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.grouper.close_stale()
+        call = self.receiver.on_step_post if self.post else self.receiver.on_step_pre
+        _guard(self.receiver, "optimizer.step", call, self.opt_index, optimizer)
+
+
+def _wrap_zero_grad(optimizer: torch.optim.Optimizer, opt_index: int, hooks: HookSet) -> Callable[..., Any]:
+    previous = optimizer.__dict__.get("zero_grad")  # someone else's instance wrapper: chain to it
+    unbound = type(optimizer).zero_grad
+    optimizer_ref = weakref.ref(optimizer)
+    hooks_ref = weakref.ref(hooks)
+
+    @functools.wraps(unbound)
+    def zero_grad(*args: Any, **kwargs: Any) -> Any:
+        opt = optimizer_ref()
+        result = previous(*args, **kwargs) if previous is not None else unbound(opt, *args, **kwargs)
+        owner = hooks_ref()
+        if owner is not None and owner.active and opt is not None:
+            owner.grouper.close_stale()
+            _guard(owner.receiver, "optimizer.zero_grad", owner.receiver.on_optimizer_cleared, opt_index, opt)
+        return result
+
+    zero_grad.__signature__ = inspect.signature(optimizer.zero_grad)  # type: ignore[attr-defined]
+    zero_grad._gradwatch_previous = previous  # type: ignore[attr-defined]
+    return zero_grad
+
+
+class _ModuleZeroGradDispatch:
+    """One class-level wrapper of ``nn.Module.zero_grad`` shared by all live watches.
+
+    An instance attribute on a module would break ``torch.save(model)``; the class attribute is restored
+    when the last watch detaches.
+    """
+
+    original: Callable[..., Any] | None = None
+    receivers: list[HookSet] = []
+
+    @classmethod
+    def add(cls, hooks: HookSet) -> None:
+        if cls.original is None:
+            cls.original = torch.nn.Module.zero_grad
+            torch.nn.Module.zero_grad = cls._make_dispatcher(cls.original)  # type: ignore[method-assign]
+        cls.receivers.append(hooks)
+
+    @classmethod
+    def discard(cls, hooks: HookSet) -> None:
+        if hooks in cls.receivers:
+            cls.receivers.remove(hooks)
+        if not cls.receivers and cls.original is not None:
+            if getattr(torch.nn.Module.zero_grad, "_gradwatch_dispatch", False):
+                torch.nn.Module.zero_grad = cls.original  # type: ignore[method-assign]
+                cls.original = None
+
+    @classmethod
+    def _make_dispatcher(cls, original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def zero_grad(self: torch.nn.Module, set_to_none: bool = True) -> None:
+            original(self, set_to_none)
+            for hooks in list(cls.receivers):
+                if hooks.active:
+                    hooks.grouper.close_stale()
+                    _guard(hooks.receiver, "model.zero_grad", hooks.receiver.on_module_cleared, self)
+
+        zero_grad._gradwatch_dispatch = True  # type: ignore[attr-defined]
+        return zero_grad
+
+
+class HookSet:
+    """All hooks of one watch; ``remove()`` takes every one of them off again."""
+
+    def __init__(self, receiver: Receiver) -> None:
+        self.receiver = receiver
+        self.grouper = BackwardGrouper(receiver)
+        self.active = False
+        self._handles: list[Any] = []
+        self._wrapped: list[tuple[weakref.ref[torch.optim.Optimizer], Callable[..., Any]]] = []
+
+    def install(self, params: Iterable[tuple[int, torch.Tensor]], optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        """Hook each (index, parameter), each optimizer's step and zero_grad, and ``Module.zero_grad``."""
+        self.active = True
+        try:
+            for index, param in params:
+                hook = _AccumulateHook(index, self.grouper)
+                self._handles.append(param.register_post_accumulate_grad_hook(hook))
+            for opt_index, optimizer in enumerate(optimizers):
+                self._handles.append(
+                    optimizer.register_step_pre_hook(_StepHook(self.receiver, self.grouper, opt_index, post=False))
+                )
+                self._handles.append(
+                    optimizer.register_step_post_hook(_StepHook(self.receiver, self.grouper, opt_index, post=True))
+                )
+                wrapper = _wrap_zero_grad(optimizer, opt_index, self)
+                optimizer.zero_grad = wrapper  # type: ignore[method-assign]
+                self._wrapped.append((weakref.ref(optimizer), wrapper))
+            _ModuleZeroGradDispatch.add(self)
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        """Idempotent: remove every handle, wrapper and dispatcher entry."""
+        self.active = False
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for optimizer_ref, wrapper in self._wrapped:
+            optimizer = optimizer_ref()
+            if optimizer is not None and optimizer.__dict__.get("zero_grad") is wrapper:
+                previous = wrapper._gradwatch_previous  # type: ignore[attr-defined]
+                if previous is None:
+                    del optimizer.zero_grad
+                else:
+                    optimizer.zero_grad = previous  # type: ignore[method-assign]
+        self._wrapped.clear()
+        _ModuleZeroGradDispatch.discard(self)

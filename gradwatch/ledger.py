@@ -1,0 +1,211 @@
+"""Pure bookkeeping of gradient contributions per parameter: produced, consumed, cleared.
+
+No torch here: the tracker feeds events (parameter indices), the ledger answers with ``Occurrence``s.
+A *contribution* is one backward pass accumulating into one parameter's ``.grad``; it is *consumed* by a
+step of the parameter's optimizer and *cleared* by anything that empties the ``.grad``.
+
+Two choices keep legitimate multi-optimizer loops (a GAN whose generator backward also reaches the
+discriminator) free of false alarms:
+- a contribution onto an already-consumed ``.grad`` is only reported when a step consumes the mix
+  (``uncleared-gradient``); a clear before that makes it harmless;
+- contributions from a backward pass whose gradients some step did consume (for other parameters) are a
+  by-product when cleared, not ``discarded-gradient``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+from . import findings as k
+
+NO_OWNER = -1
+
+
+@dataclass(frozen=True)
+class Occurrence:
+    """One occurrence of a finding kind, in parameter indices."""
+
+    kind: str
+    params: tuple[int, ...]
+    step: int
+    backward: int
+    detail: Mapping[str, object] = field(default_factory=dict)
+
+
+class Ledger:
+    """Counters per parameter and the rules that turn lifecycle events into occurrences."""
+
+    def __init__(self, owners: Sequence[int], n_optimizers: int, accumulation_steps: int | None = None) -> None:
+        n = len(owners)
+        self.owners = list(owners)
+        self.accumulation_steps = accumulation_steps
+        self.fresh = [0] * n  # contributions not yet consumed
+        self.consumed = [0] * n  # contributions consumed by a step and still in .grad
+        self.fresh_first = [0] * n  # backward index of the first fresh contribution
+        self.fresh_last = [-1] * n  # backward index of the latest fresh contribution
+        self.mixed_at: list[tuple[int, int] | None] = [None] * n  # (step, backward) fresh landed on consumed
+        self.nonfinite_at: list[tuple[int, int] | None] = [None] * n  # (step, backward) NaN/Inf appeared
+        self.received = [False] * n
+        self.steps = [0] * n_optimizers
+        self.in_step = [0] * n_optimizers
+        self.n_fresh = [0] * n_optimizers  # parameters of each optimizer holding fresh contributions
+        self.window_nonfinite = [False] * n_optimizers  # the pending window holds NaN/Inf (a skipped step)
+        self.uncleared = 0  # parameters whose .grad holds consumed contributions
+        self.backwards = 0
+        self.clears = 0
+        self.newest_consumed_backward = -1
+
+    # -- events ------------------------------------------------------------------------------------
+    def backward(self, indices: Iterable[int]) -> list[Occurrence]:
+        """One backward pass contributed to the parameters ``indices`` (each at most once)."""
+        b = self.backwards
+        self.backwards = b + 1
+        orphans = []
+        fresh, owners = self.fresh, self.owners
+        for i in indices:
+            owner = owners[i]
+            self.received[i] = True
+            if owner == NO_OWNER:
+                orphans.append(i)
+                continue
+            if not fresh[i]:
+                self.fresh_first[i] = b
+                self.n_fresh[owner] += 1
+                if self.consumed[i] and self.mixed_at[i] is None:
+                    self.mixed_at[i] = (self.steps[owner], b)
+            fresh[i] += 1
+            self.fresh_last[i] = b
+        if orphans:
+            return [Occurrence(k.ORPHAN, tuple(sorted(orphans)), max(self.steps, default=0), b)]
+        return []
+
+    def has_unconsumed(self, indices: Iterable[int]) -> bool:
+        """Whether clearing ``indices`` would drop contributions no step consumed."""
+        fresh = self.fresh
+        return any(fresh[i] for i in indices)
+
+    def clear(self, indices: Iterable[int], source: str) -> list[Occurrence]:
+        """The ``.grad`` of ``indices`` was emptied (set to None, replaced or zeroed) by ``source``."""
+        discarded: list[int] = []
+        most_fresh = 0
+        owners, fresh = self.owners, self.fresh
+        for i in indices:
+            owner = owners[i]
+            if fresh[i] and owner != NO_OWNER:
+                if self._discard_is_a_bug(i, owner):
+                    discarded.append(i)
+                    most_fresh = max(most_fresh, fresh[i])
+                self.n_fresh[owner] -= 1
+                if self.n_fresh[owner] == 0:
+                    self.window_nonfinite[owner] = False
+            fresh[i] = 0
+            if self.consumed[i]:
+                self.consumed[i] = 0
+                self.uncleared -= 1
+            self.mixed_at[i] = None
+            self.nonfinite_at[i] = None
+        self.clears += 1
+        if not discarded:
+            return []
+        owner = owners[discarded[0]]
+        detail = {"source": source, "fresh": most_fresh}
+        return [Occurrence(k.DISCARDED, tuple(sorted(discarded)), self.steps[owner], self.backwards, detail)]
+
+    def clear_consumed(self, indices: Iterable[int]) -> None:
+        """The consumed ``.grad`` of ``indices`` turned out to be zeroed in place before their fresh contributions."""
+        for i in indices:
+            if self.consumed[i]:
+                self.consumed[i] = 0
+                self.uncleared -= 1
+            self.mixed_at[i] = None
+        self.clears += 1
+
+    def _discard_is_a_bug(self, i: int, owner: int) -> bool:
+        if self.in_step[owner]:  # a closure (LBFGS, Lightning) clears inside its own step
+            return False
+        if self.window_nonfinite[owner]:  # a skipped NaN/Inf window (GradScaler, or the user's own check)
+            return False
+        return self.fresh_last[i] > self.newest_consumed_backward  # else a by-product of a consumed backward
+
+    def mark_nonfinite(self, i: int, step: int, backward: int) -> None:
+        """NaN/Inf was found in parameter ``i``'s ``.grad`` right after backward pass ``backward``."""
+        owner = self.owners[i]
+        if owner == NO_OWNER or not (self.fresh[i] or self.consumed[i]):
+            return
+        if self.nonfinite_at[i] is None:
+            self.nonfinite_at[i] = (step, backward)
+        self.window_nonfinite[owner] = True
+
+    def step_begin(self, opt: int) -> None:
+        """An optimizer step starts (a closure may run backward and clears until ``step_end``)."""
+        self.in_step[opt] += 1
+
+    def step_end(self, opt: int, indices: Sequence[int]) -> list[Occurrence]:
+        """Optimizer ``opt``, over the parameters ``indices``, finished a step and consumed their ``.grad``."""
+        self.in_step[opt] = max(0, self.in_step[opt] - 1)
+        if self.in_step[opt]:  # a subclass whose step() calls super().step(): count the outer one
+            return []
+        step, b = self.steps[opt], self.backwards
+        fresh, consumed = self.fresh, self.consumed
+        with_fresh = [i for i in indices if fresh[i]]
+        stale = [i for i in indices if consumed[i] and not fresh[i]]
+        out: list[Occurrence] = []
+        if not with_fresh and not stale:
+            out.append(Occurrence(k.EMPTY_STEP, tuple(indices), step, b))
+        if stale:
+            out.append(Occurrence(k.STALE, tuple(stale), step, b))
+        mixed = [i for i in with_fresh if self.mixed_at[i] is not None]
+        if mixed:
+            first_step, first_b = min(self.mixed_at[i] for i in mixed)  # type: ignore[type-var]
+            detail = {"prev_step": first_step - 1}
+            out.append(Occurrence(k.UNCLEARED, tuple(mixed), first_step, first_b, detail))
+        nonfinite = [i for i in indices if self.nonfinite_at[i] is not None and (fresh[i] or consumed[i])]
+        if nonfinite:
+            first_step, first_b = min(self.nonfinite_at[i] for i in nonfinite)  # type: ignore[type-var]
+            out.append(Occurrence(k.NON_FINITE, tuple(nonfinite), first_step, first_b))
+        if self.accumulation_steps is not None and with_fresh:
+            window = max(fresh[i] for i in with_fresh)
+            if window != self.accumulation_steps:
+                detail = {"window": window, "expected": self.accumulation_steps}
+                out.append(Occurrence(k.ACCUMULATION_MISMATCH, tuple(with_fresh), step, b, detail))
+        for i in with_fresh:
+            if not consumed[i]:
+                self.uncleared += 1
+            consumed[i] += fresh[i]
+            fresh[i] = 0
+            self.mixed_at[i] = None
+            if self.fresh_last[i] > self.newest_consumed_backward:
+                self.newest_consumed_backward = self.fresh_last[i]
+        self.n_fresh[opt] = 0
+        self.window_nonfinite[opt] = False
+        self.steps[opt] = step + 1
+        return out
+
+    def finish(self, trainable: Sequence[bool]) -> list[Occurrence]:
+        """End-of-run checks: contributions never consumed, and parameters that never got a gradient."""
+        out: list[Occurrence] = []
+        dangling = [
+            i
+            for i, owner in enumerate(self.owners)
+            if owner != NO_OWNER
+            and self.fresh[i]
+            and not self.window_nonfinite[owner]
+            and self.fresh_last[i] > self.newest_consumed_backward
+        ]
+        if dangling:
+            owner = self.owners[dangling[0]]
+            detail = {"fresh": max(self.fresh[i] for i in dangling)}
+            out.append(Occurrence(k.DANGLING, tuple(dangling), self.steps[owner], self.backwards, detail))
+        unused = [
+            i
+            for i, owner in enumerate(self.owners)
+            if owner != NO_OWNER and trainable[i] and not self.received[i] and self.steps[owner] > 0
+        ]
+        if unused:
+            out.append(Occurrence(k.UNUSED, tuple(unused), max(self.steps), self.backwards))
+        return out
+
+    def total_steps(self) -> int:
+        """Optimizer steps completed, all optimizers together."""
+        return sum(self.steps)

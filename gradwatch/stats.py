@@ -1,0 +1,87 @@
+"""Batched tensor checks, computed on the device and read back only when an answer is needed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+def _groups(tensors: Sequence[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    """Positions of dense tensors grouped by (device, dtype), as ``torch._foreach_*`` needs them."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for pos, t in enumerate(tensors):
+        if t.layout is torch.strided:
+            groups.setdefault((t.device, t.dtype), []).append(pos)
+    return groups
+
+
+def norms_by_group(tensors: Sequence[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
+    """(positions, stacked 2-norms) per device/dtype group: one ``_foreach_norm`` per group, no sync."""
+    out = []
+    with torch.no_grad():
+        for positions in _groups(tensors).values():
+            norms = torch._foreach_norm([tensors[p] for p in positions])
+            out.append((positions, torch.stack(norms)))
+    return out
+
+
+@dataclass
+class _Window:
+    backward: int
+    owner_steps: tuple[int, ...]
+    params: list[int]
+    groups: list[tuple[list[int], torch.Tensor]]
+
+
+class FiniteChecks:
+    """Per-backward NaN/Inf checks kept on the device and read in one go when a step or clear needs them."""
+
+    max_pending = 256  # read back early rather than grow without bound when no step comes
+
+    def __init__(self) -> None:
+        self._pending: list[_Window] = []
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, backward: int, owner_steps: tuple[int, ...], params: list[int], grads: list[torch.Tensor]) -> None:
+        """Queue the check of the gradients ``grads`` of ``params`` right after backward pass ``backward``."""
+        self._pending.append(_Window(backward, owner_steps, params, norms_by_group(grads)))
+
+    def resolve(self) -> list[tuple[int, tuple[int, ...], int]]:
+        """(param index, optimizer steps then, backward) for every non-finite gradient queued; empties the queue."""
+        pending, self._pending = self._pending, []
+        flags = [torch.isfinite(norms).all() for w in pending for _, norms in w.groups]
+        if not flags or all(_to_host(flags)):
+            return []
+        found = []
+        for w in pending:
+            for positions, norms in w.groups:
+                finite = torch.isfinite(norms).tolist()
+                found.extend((w.params[p], w.owner_steps, w.backward) for p, ok in zip(positions, finite) if not ok)
+        return found
+
+
+def _to_host(flags: list[torch.Tensor]) -> list[bool]:
+    """Read scalar device flags, in order, with one transfer per device."""
+    by_device: dict[torch.device, list[int]] = {}
+    for pos, f in enumerate(flags):
+        by_device.setdefault(f.device, []).append(pos)
+    values = [False] * len(flags)
+    for positions in by_device.values():
+        for pos, value in zip(positions, torch.stack([flags[p] for p in positions]).tolist()):
+            values[pos] = bool(value)
+    return values
+
+
+def zero_flags(grads: Sequence[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
+    """(positions, bool tensor 'this gradient is all zeros') per group, kept on the device."""
+    return [(positions, norms == 0) for positions, norms in norms_by_group(grads)]
+
+
+def read_flags(flags: Sequence[tuple[torch.Tensor, int | None]]) -> list[bool]:
+    """Read (tensor, position) flags; position None means the whole tensor must be all True."""
+    scalars = [t.all() if pos is None else t[pos] for t, pos in flags]
+    return _to_host(scalars) if scalars else []

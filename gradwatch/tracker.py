@@ -1,0 +1,200 @@
+"""Reads what the hooks saw on the tensors and turns it into ledger events.
+
+Host-side facts (is ``.grad`` None, the same object, a new version) are free and checked as events
+arrive. Values are read only to confirm a suspicion: NaN/Inf checks are queued on the device after each
+backward pass and read when a step or a clear needs them; "was this consumed gradient zeroed in place?"
+is computed on the device when a backward pass starts and read only if a step is about to be accused.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .ledger import NO_OWNER, Ledger, Occurrence
+from .stats import FiniteChecks, read_flags, zero_flags
+
+Emit = Callable[[list[Occurrence]], None]
+
+
+class Tracker:
+    """Implements the hooks' ``Receiver``: keeps per-parameter snapshots and drives the ledger."""
+
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        owners: Sequence[int],
+        optimizers: Sequence[torch.optim.Optimizer],
+        accumulation_steps: int | None,
+        emit: Emit,
+        on_internal_error: Callable[[BaseException, str], None],
+    ) -> None:
+        n = len(params)
+        self.ledger = Ledger(owners, len(optimizers), accumulation_steps)
+        self._params = [weakref.ref(p) for p in params]
+        self._index = {id(p): i for i, p in enumerate(params)}
+        self._opt_layout: list[tuple[int, list[int]]] = [self._layout(opt) for opt in optimizers]
+        self._grad_refs: list[weakref.ref[torch.Tensor] | None] = [None] * n
+        self._grad_versions = [0] * n
+        self._zeroed: dict[int, tuple[torch.Tensor, int | None]] = {}  # device evidence per suspected param
+        self._finite = FiniteChecks()
+        self._emit = emit
+        self._on_internal_error = on_internal_error
+        self.stopped = False
+
+    # -- Receiver ----------------------------------------------------------------------------------
+    def on_backward_start(self, index: int, param: torch.Tensor) -> None:
+        """Before the other parameters accumulate: look at the consumed gradients still in place."""
+        ledger = self.ledger
+        if self.stopped or not ledger.uncleared:
+            return
+        suspects = [i for i, c in enumerate(ledger.consumed) if c and not ledger.fresh[i]]
+        cleared, live, grads = [], [], []
+        for i in suspects:
+            p = self._params[i]()
+            grad = None if p is None else p.grad
+            if i == index:
+                continue
+            if grad is None or not self._same_grad(i, grad):
+                cleared.append(i)
+            else:
+                live.append(i)
+                grads.append(grad)
+        out = ledger.clear(cleared, "setting .grad to None") if cleared else []
+        if live:
+            groups = zero_flags(grads)
+            for positions, zeros in groups:
+                for pos, at in enumerate(positions):
+                    self._zeroed[live[at]] = (zeros, pos)
+            if index in suspects and len(groups) == 1:  # it accumulated already: judge it by its peers
+                self._zeroed[index] = (groups[0][1], None)
+        self._emit(out)
+
+    def on_backward_end(self, grads: dict[int, torch.Tensor | None]) -> None:
+        """One backward pass finished; ``grads`` maps each parameter it reached to its ``.grad``."""
+        if self.stopped:
+            return
+        ledger = self.ledger
+        contributed: list[int] = []
+        cleared: list[int] = []
+        for i, grad in grads.items():
+            if grad is None:  # an undefined incoming gradient: nothing accumulated
+                continue
+            ref = self._grad_refs[i]
+            if ref is None or ref() is not grad:
+                if ref is not None and grad.grad_fn is None and (ledger.fresh[i] or ledger.consumed[i]):
+                    cleared.append(i)  # .grad was set to None or replaced since we last saw it
+                self._grad_refs[i] = weakref.ref(grad)
+            elif grad._version == self._grad_versions[i]:
+                continue  # same tensor, untouched: the hook fired for an undefined gradient
+            self._grad_versions[i] = grad._version
+            contributed.append(i)
+        out = ledger.clear(cleared, "setting .grad to None") if cleared else []
+        backward = ledger.backwards
+        out += ledger.backward(contributed)
+        for i in contributed:
+            if ledger.mixed_at[i] is None:
+                self._zeroed.pop(i, None)
+        owned = [i for i in contributed if ledger.owners[i] != NO_OWNER]
+        if owned:
+            self._finite.add(backward, tuple(ledger.steps), owned, [grads[i] for i in owned])  # type: ignore[misc]
+            if len(self._finite) > self._finite.max_pending:
+                self._read_finite_checks()
+        self._emit(out)
+
+    def on_step_pre(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
+        """Before the step (and its closure): gradients set to None after their backward were discarded."""
+        if self.stopped:
+            return
+        ledger = self.ledger
+        cleared = [
+            i
+            for i, p in self._params_of(opt_index, optimizer)
+            if ledger.fresh[i] and (p.grad is None or not self._same_grad(i, p.grad))
+        ]
+        out = ledger.clear(cleared, "setting .grad to None") if cleared else []
+        ledger.step_begin(opt_index)
+        self._emit(out)
+
+    def on_step_post(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
+        """The step consumed its parameters' gradients."""
+        if self.stopped:
+            return
+        ledger = self.ledger
+        indices = [i for i, _ in self._params_of(opt_index, optimizer)]
+        mixed = [i for i in indices if ledger.mixed_at[i] is not None and i in self._zeroed]
+        if mixed:
+            zeroed = read_flags([self._zeroed[i] for i in mixed])
+            ledger.clear_consumed([i for i, z in zip(mixed, zeroed) if z])
+        for i in mixed:
+            del self._zeroed[i]
+        if len(self._finite):
+            self._read_finite_checks()
+        self._emit(ledger.step_end(opt_index, indices))
+
+    def on_optimizer_cleared(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
+        """``optimizer.zero_grad()`` ran."""
+        self._cleared([i for i, _ in self._params_of(opt_index, optimizer)], "optimizer.zero_grad()")
+
+    def on_module_cleared(self, module: torch.nn.Module) -> None:
+        """``module.zero_grad()`` ran on some module; clear the watched parameters it holds."""
+        indices = []
+        for p in module.parameters():
+            i = self._index.get(id(p))
+            if i is not None and self._params[i]() is p:
+                indices.append(i)
+        if indices:
+            self._cleared(indices, f"{type(module).__name__}.zero_grad()")
+
+    def internal_error(self, error: BaseException, where: str) -> None:
+        """Stop checking (the state may be inconsistent) and report once."""
+        if not self.stopped:
+            self.stopped = True
+            self._on_internal_error(error, where)
+
+    # -- end of run --------------------------------------------------------------------------------
+    def finish(self) -> None:
+        """Run the end-of-run checks."""
+        if self.stopped:
+            return
+        if len(self._finite):
+            self._read_finite_checks()
+        trainable = [p is not None and p.requires_grad for p in (ref() for ref in self._params)]
+        self._emit(self.ledger.finish(trainable))
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _cleared(self, indices: list[int], source: str) -> None:
+        if self.stopped:
+            return
+        if len(self._finite) and self.ledger.has_unconsumed(indices):
+            self._read_finite_checks()  # a window with NaN/Inf may be dropped on purpose
+        for i in indices:
+            self._zeroed.pop(i, None)
+        self._emit(self.ledger.clear(indices, source))
+
+    def _read_finite_checks(self) -> None:
+        owners = self.ledger.owners
+        for i, owner_steps, backward in self._finite.resolve():
+            self.ledger.mark_nonfinite(i, owner_steps[owners[i]], backward)
+
+    def _same_grad(self, i: int, grad: torch.Tensor) -> bool:
+        ref = self._grad_refs[i]
+        return grad.grad_fn is not None or (ref is not None and ref() is grad)
+
+    def _layout(self, optimizer: torch.optim.Optimizer) -> tuple[int, list[int]]:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        indices = [self._index.get(id(p), NO_OWNER) for p in params]
+        return len(params), indices
+
+    def _params_of(self, opt_index: int, optimizer: torch.optim.Optimizer) -> Iterator[tuple[int, torch.Tensor]]:
+        """(index, parameter) of the watched parameters the optimizer holds, in its own order."""
+        size, indices = self._opt_layout[opt_index]
+        if sum(len(group["params"]) for group in optimizer.param_groups) != size:
+            self._opt_layout[opt_index] = size_indices = self._layout(optimizer)
+            indices = size_indices[1]
+        params = (p for group in optimizer.param_groups for p in group["params"])
+        for i, p in zip(indices, params):
+            if i != NO_OWNER and self.ledger.owners[i] == opt_index:
+                yield i, p

@@ -1,0 +1,224 @@
+"""``watch()`` and the ``Watcher``: argument checks, wiring, and the attach/detach lifecycle."""
+
+from __future__ import annotations
+
+import os
+import warnings
+import weakref
+from types import TracebackType
+from typing import Iterable, Sequence, Union
+
+import torch
+
+from .finding_log import POLICIES, FindingLog, OnFinding
+from .findings import KINDS, Finding, GradientBugError, GradientWarning
+from .hooks import HookSet
+from .ledger import NO_OWNER
+from .report import render_report
+from .tracker import Tracker
+
+Optimizers = Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer]]
+
+_watched: weakref.WeakSet = weakref.WeakSet()  # models and optimizers under a live watch
+
+
+class Watcher:
+    """A live watch over one model and its optimizer(s). Use ``detach()`` or a ``with`` block to end it."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizers: list[torch.optim.Optimizer],
+        accumulation_steps: int | None,
+        on_finding: OnFinding,
+    ) -> None:
+        params, names, owners = _collect(model, optimizers)
+        self._log = FindingLog(names, on_finding)
+        self._on_finding = on_finding
+        self._internal_error: str | None = None
+        self._n_params = len(params)
+        self._tracker = Tracker(params, owners, optimizers, accumulation_steps, self._log.record, self._report_error)
+        self._hooks = HookSet(self._tracker)
+        self._targets = [weakref.ref(model), *(weakref.ref(o) for o in optimizers)]
+        self._hooks.install(((i, p) for i, p in enumerate(params) if p.requires_grad), optimizers)
+        _watched.update([model, *optimizers])
+        self._attached = True
+
+    # -- public API --------------------------------------------------------------------------------
+    @property
+    def findings(self) -> list[Finding]:
+        """The findings so far: each distinct problem once, with its ``count``."""
+        return list(self._log.findings)
+
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are still in place."""
+        return self._attached
+
+    def report(self) -> str:
+        """A human-readable summary of the run and its findings."""
+        ledger = self._tracker.ledger
+        if self._internal_error:
+            status = f"stopped checking: {self._internal_error}"
+        else:
+            status = "attached" if self._attached else "detached"
+        return render_report(ledger.backwards, ledger.steps, ledger.clears, self._n_params, self.findings, status)
+
+    def assert_clean(self, allow: Iterable[str] = ()) -> None:
+        """Raise ``GradientBugError`` listing every error/warning finding whose kind is not in ``allow``."""
+        allowed = set([allow] if isinstance(allow, str) else allow)
+        unknown = allowed - set(KINDS)
+        if unknown:
+            raise ValueError(f"assert_clean(allow=...) got unknown kind(s) {sorted(unknown)}; known kinds: {KINDS}")
+        bugs = tuple(f for f in self._log.findings if f.severity != "info" and f.kind not in allowed)
+        if bugs:
+            listing = "\n".join(f"  - {f}" for f in bugs)
+            raise GradientBugError(f"gradwatch found {len(bugs)} gradient bug(s):\n{listing}", bugs)
+
+    def detach(self) -> None:
+        """Run the end-of-run checks and remove every hook. Idempotent."""
+        if not self._attached:
+            return
+        self._attached = False
+        try:
+            self._hooks.grouper.close_stale()
+            self._tracker.finish()
+        finally:
+            self._hooks.remove()
+            for ref in self._targets:
+                target = ref()
+                if target is not None:
+                    _watched.discard(target)
+
+    def __enter__(self) -> Watcher:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.detach()
+            return
+        try:
+            self.detach()
+        except GradientBugError:
+            pass  # do not mask the exception that is already leaving the block
+
+    def __repr__(self) -> str:
+        state = "attached" if self._attached else "detached"
+        return f"<gradwatch.Watcher {state}: {self._n_params} parameters, {len(self._log.findings)} findings>"
+
+    def _report_error(self, error: BaseException, where: str) -> None:
+        self._internal_error = f"internal error in {where}: {error!r}"
+        warnings.warn(
+            f"gradwatch stopped checking after an internal error in {where}: {error!r}. Training is not "
+            "affected; please report this with the traceback of the error.",
+            GradientWarning,
+            stacklevel=2,
+        )
+
+
+def watch(
+    model: torch.nn.Module,
+    optimizer: Optimizers,
+    accumulation_steps: int | None = None,
+    logdir: str | os.PathLike[str] | None = None,
+    on_finding: OnFinding = "warn",
+) -> Watcher:
+    """Watch ``model``'s gradients from ``backward()`` through ``optimizer.step()`` to ``zero_grad()``.
+
+    ``accumulation_steps`` is the number of backward passes each step should consume (None: not checked).
+    ``on_finding`` is "warn", "raise", "record" or a callable taking a ``Finding``.
+    ``logdir`` is accepted but TensorBoard streaming is not implemented yet (a GradientWarning says so).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"watch() expects a torch.nn.Module as model, got {type(model).__name__}")
+    optimizers = _optimizers(optimizer)
+    if accumulation_steps is not None:
+        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int):
+            raise TypeError(
+                f"accumulation_steps must be an int >= 1 or None, got {type(accumulation_steps).__name__}"
+            )
+        if accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be >= 1 (backward passes per step), got {accumulation_steps}")
+    if logdir is not None:
+        if not isinstance(logdir, (str, os.PathLike)):
+            raise TypeError(f"logdir must be a str or os.PathLike, got {type(logdir).__name__}")
+        warnings.warn(
+            "gradwatch: logdir is accepted but TensorBoard streaming is not implemented yet; nothing is written "
+            "there. Findings are still reported through on_finding and Watcher.report().",
+            GradientWarning,
+            stacklevel=2,
+        )
+    if isinstance(on_finding, str):
+        if on_finding not in POLICIES:
+            raise ValueError(f"on_finding must be one of {POLICIES} or a callable(Finding), got {on_finding!r}")
+    elif not callable(on_finding):
+        raise TypeError(f"on_finding must be one of {POLICIES} or a callable(Finding), got {type(on_finding).__name__}")
+    for target in (model, *optimizers):
+        if target in _watched:
+            raise ValueError(
+                f"this {type(target).__name__} is already watched by a live gradwatch watcher; "
+                "detach() that watcher first (one watcher per model and optimizer)"
+            )
+    return Watcher(model, optimizers, accumulation_steps, on_finding)
+
+
+def _optimizers(optimizer: Optimizers) -> list[torch.optim.Optimizer]:
+    given = [optimizer] if not isinstance(optimizer, (list, tuple)) else list(optimizer)
+    if not given:
+        raise ValueError("watch() needs at least one optimizer; got an empty sequence")
+    optimizers = []
+    for opt in given:
+        inner = opt
+        while not isinstance(inner, torch.optim.Optimizer) and isinstance(
+            getattr(inner, "optimizer", None), torch.optim.Optimizer
+        ):
+            inner = inner.optimizer  # Accelerate's / Lightning's wrappers: hook the real optimizer
+        if isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer) and not hasattr(
+            inner, "_optimizer_step_pre_hooks"
+        ):
+            inner = inner.optimizer
+        if not isinstance(inner, torch.optim.Optimizer):
+            raise TypeError(
+                "watch() expects a torch.optim.Optimizer or a list/tuple of them as optimizer, "
+                f"got {type(opt).__name__}"
+            )
+        optimizers.append(inner)
+    if len({id(o) for o in optimizers}) != len(optimizers):
+        raise ValueError("the same optimizer was passed twice to watch()")
+    return optimizers
+
+
+def _collect(
+    model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]
+) -> tuple[list[torch.Tensor], list[str], list[int]]:
+    """Watched parameters (the model's, then optimizer-only ones), their names and owning optimizer."""
+    params: list[torch.Tensor] = []
+    names: list[str] = []
+    index: dict[int, int] = {}
+    for name, p in model.named_parameters():  # tied weights appear once, under their first name
+        index[id(p)] = len(params)
+        params.append(p)
+        names.append(name)
+    owners = [NO_OWNER] * len(params)
+    for o, opt in enumerate(optimizers):
+        in_model = 0
+        for g, group in enumerate(opt.param_groups):
+            for j, p in enumerate(group["params"]):
+                i = index.get(id(p))
+                if i is None:
+                    i = index[id(p)] = len(params)
+                    params.append(p)
+                    names.append(f"optimizer[{o}].param_groups[{g}][{j}]")
+                    owners.append(NO_OWNER)
+                else:
+                    in_model += 1
+                if owners[i] == NO_OWNER:
+                    owners[i] = o
+        if in_model == 0:
+            raise ValueError(
+                f"optimizer[{o}] ({type(opt).__name__}) holds none of the model's parameters; "
+                "pass the model whose parameters the optimizer updates"
+            )
+    return params, names, owners
