@@ -65,7 +65,7 @@ class FindingLog:
                     policy(finding)
                 except GradientBugError:
                     raise
-                except Exception as error:  # noqa: BLE001 - the user's callback must not break training
+                except Exception as error:  # the user's callback must not break training
                     if not self._callback_failed:
                         self._callback_failed = True
                         warnings.warn(

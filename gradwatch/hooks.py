@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import weakref
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Protocol, Sequence
 
 import torch
 
@@ -38,7 +38,7 @@ def _guard(receiver: Receiver, where: str, call: Callable[..., None], *args: Any
         call(*args)
     except GradientBugError:
         raise
-    except Exception as error:  # noqa: BLE001 - a debugging tool must never break training
+    except Exception as error:  # a debugging tool must never break training
         receiver.internal_error(error, where)
 
 
@@ -49,7 +49,7 @@ class BackwardGrouper:
     checkpoint runs nested graph tasks inside the outer one: they belong to the same backward pass.
     """
 
-    __slots__ = ("_receiver", "_open", "_task", "grads")
+    __slots__ = ("_open", "_receiver", "_task", "grads")
 
     def __init__(self, receiver: Receiver) -> None:
         self._receiver = receiver
@@ -94,7 +94,7 @@ class BackwardGrouper:
 
 
 class _AccumulateHook:
-    __slots__ = ("index", "grouper")
+    __slots__ = ("grouper", "index")
 
     def __init__(self, index: int, grouper: BackwardGrouper) -> None:
         self.index = index
@@ -105,7 +105,7 @@ class _AccumulateHook:
 
 
 class _StepHook:
-    __slots__ = ("receiver", "grouper", "opt_index", "post")
+    __slots__ = ("grouper", "opt_index", "post", "receiver")
 
     def __init__(self, receiver: Receiver, grouper: BackwardGrouper, opt_index: int, post: bool) -> None:
         self.receiver, self.grouper, self.opt_index, self.post = receiver, grouper, opt_index, post
@@ -145,7 +145,7 @@ class _ModuleZeroGradDispatch:
     """
 
     original: Callable[..., Any] | None = None
-    receivers: list[HookSet] = []
+    receivers: ClassVar[list[HookSet]] = []
 
     @classmethod
     def add(cls, hooks: HookSet) -> None:
@@ -158,10 +158,10 @@ class _ModuleZeroGradDispatch:
     def discard(cls, hooks: HookSet) -> None:
         if hooks in cls.receivers:
             cls.receivers.remove(hooks)
-        if not cls.receivers and cls.original is not None:
-            if getattr(torch.nn.Module.zero_grad, "_gradwatch_dispatch", False):
-                torch.nn.Module.zero_grad = cls.original  # type: ignore[method-assign]
-                cls.original = None
+        ours = getattr(torch.nn.Module.zero_grad, "_gradwatch_dispatch", False)
+        if not cls.receivers and cls.original is not None and ours:
+            torch.nn.Module.zero_grad = cls.original  # type: ignore[method-assign]
+            cls.original = None
 
     @classmethod
     def _make_dispatcher(cls, original: Callable[..., Any]) -> Callable[..., Any]:

@@ -30,9 +30,7 @@ def render_report(
         lines.append("  no findings: every gradient contribution was consumed by exactly one step.")
         return "\n".join(lines)
     counts = {sev: sum(1 for f in findings if f.severity == sev) for sev in _ORDER}
-    lines.append(
-        f"  findings: {counts['error']} error(s), {counts['warning']} warning(s), {counts['info']} info"
-    )
+    lines.append(f"  findings: {counts['error']} error(s), {counts['warning']} warning(s), {counts['info']} info")
     for f in sorted(findings, key=lambda f: (_ORDER[f.severity], f.step, f.backward)):
         times = f", {f.count} times" if f.count > 1 else ""
         lines.append(f"  - [{f.severity}] {f.kind} at step {f.step}, backward {f.backward}{times}")

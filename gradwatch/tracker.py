@@ -105,14 +105,14 @@ class Tracker:
         self._emit(out)
 
     def on_step_pre(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
-        """Before the step (and its closure): gradients set to None after their backward were discarded."""
+        """Before the step (and its closure): notice gradients set to None since we last saw them."""
         if self.stopped:
             return
         ledger = self.ledger
         cleared = [
             i
             for i, p in self._params_of(opt_index, optimizer)
-            if ledger.fresh[i] and (p.grad is None or not self._same_grad(i, p.grad))
+            if (ledger.fresh[i] or ledger.consumed[i]) and (p.grad is None or not self._same_grad(i, p.grad))
         ]
         out = ledger.clear(cleared, "setting .grad to None") if cleared else []
         ledger.step_begin(opt_index)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 import weakref
@@ -99,10 +100,8 @@ class Watcher:
         if exc_type is None:
             self.detach()
             return
-        try:
+        with contextlib.suppress(GradientBugError):  # do not mask the exception already leaving the block
             self.detach()
-        except GradientBugError:
-            pass  # do not mask the exception that is already leaving the block
 
     def __repr__(self) -> str:
         state = "attached" if self._attached else "detached"
@@ -136,9 +135,7 @@ def watch(
     optimizers = _optimizers(optimizer)
     if accumulation_steps is not None:
         if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int):
-            raise TypeError(
-                f"accumulation_steps must be an int >= 1 or None, got {type(accumulation_steps).__name__}"
-            )
+            raise TypeError(f"accumulation_steps must be an int >= 1 or None, got {type(accumulation_steps).__name__}")
         if accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be >= 1 (backward passes per step), got {accumulation_steps}")
     if logdir is not None:

@@ -1,0 +1,28 @@
+# Two commands do all the set-up: `make demo` and `make test`. Each creates .venv and installs what it needs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/reference_loop.py
+	$(PY) examples/missing_zero_grad.py
+
+test: $(STAMP)
+	$(PY) -m ruff check gradwatch tests examples
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check gradwatch tests examples
+	$(PY) -m ruff format --check gradwatch tests examples
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

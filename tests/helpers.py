@@ -1,0 +1,56 @@
+"""Shared loops and assertions for the tests: the reference loop and its bug variants."""
+
+from __future__ import annotations
+
+import torch
+
+import gradwatch
+from gradwatch import Finding, Watcher
+
+
+def reference_data(n_batches: int = 8, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 10, generator=g), torch.randn(4, 1, generator=g)) for _ in range(n_batches)]
+
+
+def reference_model(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(10, 1)
+    return model, torch.optim.SGD(model.parameters(), lr=0.01)
+
+
+def reference_loop(model, optimizer, data, accumulation_steps: int = 2) -> None:
+    """The loop of shared/reference_loop.py, without the prints."""
+    criterion = torch.nn.MSELoss()
+    optimizer.zero_grad()
+    for i, (inputs, labels) in enumerate(data):
+        loss = criterion(model(inputs), labels) / accumulation_steps
+        loss.backward()
+        if (i + 1) % accumulation_steps == 0:
+            optimizer.step()
+            optimizer.zero_grad()
+
+
+def watch(model, optimizer, **kwargs) -> Watcher:
+    kwargs.setdefault("on_finding", "record")
+    return gradwatch.watch(model, optimizer, **kwargs)
+
+
+def bugs(w: Watcher) -> list[Finding]:
+    """Findings of severity error or warning."""
+    return [f for f in w.findings if f.severity != "info"]
+
+
+def kinds(w: Watcher) -> set[str]:
+    return {f.kind for f in w.findings}
+
+
+def the(w: Watcher, kind: str) -> Finding:
+    """The single finding of ``kind``."""
+    found = [f for f in w.findings if f.kind == kind]
+    assert len(found) == 1, f"expected one {kind} finding, got {w.findings}"
+    return found[0]
+
+
+def mse(model, inputs, labels, scale: float = 1.0) -> torch.Tensor:
+    return torch.nn.functional.mse_loss(model(inputs), labels) / scale

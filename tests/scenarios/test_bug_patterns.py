@@ -1,0 +1,306 @@
+"""Each bug pattern as a real training loop: the finding kind, the parameter names and the step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import kinds, mse, reference_data, reference_model, the, watch
+
+import gradwatch
+
+ACC = 2
+
+
+@pytest.mark.parametrize("accumulation_steps", [None, ACC])
+def test_missing_zero_grad(accumulation_steps):
+    model, opt = reference_model()
+    with watch(model, opt, accumulation_steps=accumulation_steps) as w:
+        opt.zero_grad()
+        for i, (x, y) in enumerate(reference_data()):
+            mse(model, x, y, ACC).backward()
+            if (i + 1) % ACC == 0:
+                opt.step()  # no zero_grad after it
+    f = the(w, "uncleared-gradient")
+    assert kinds(w) == {"uncleared-gradient"}
+    assert f.params == ("weight", "bias")
+    assert (f.step, f.backward) == (1, 2)  # the first backward after step 0
+    assert f.count == 3  # steps 1, 2 and 3 each consumed an old gradient again
+    assert "zero_grad()" in f.message
+
+
+def test_zero_grad_every_micro_batch_inside_the_window():
+    model, opt = reference_model()
+    with watch(model, opt, accumulation_steps=ACC) as w:
+        for i, (x, y) in enumerate(reference_data()):
+            opt.zero_grad()  # wipes the previous micro-batch of the window
+            mse(model, x, y, ACC).backward()
+            if (i + 1) % ACC == 0:
+                opt.step()
+    f = the(w, "discarded-gradient")
+    assert f.params == ("weight", "bias")
+    assert (f.step, f.backward) == (0, 1)
+    assert f.count == 4
+    mismatch = the(w, "accumulation-mismatch")
+    assert (mismatch.step, mismatch.backward) == (0, 2)
+    assert "consumed 1 backward pass(es) but accumulation_steps=2" in mismatch.message
+
+
+def test_zero_grad_between_last_backward_and_step():
+    model, opt = reference_model()
+    with watch(model, opt) as w:
+        for i, (x, y) in enumerate(reference_data()):
+            mse(model, x, y, ACC).backward()
+            if (i + 1) % ACC == 0:
+                opt.zero_grad()
+                opt.step()
+    assert kinds(w) == {"discarded-gradient", "empty-step"}
+    discarded, empty = the(w, "discarded-gradient"), the(w, "empty-step")
+    assert discarded.params == empty.params == ("weight", "bias")
+    assert (discarded.step, discarded.backward) == (0, 2)
+    assert (empty.step, empty.backward) == (0, 2)
+    assert "optimizer.zero_grad() cleared 2 backward pass(es)" in discarded.message
+
+
+def test_step_with_no_backward():
+    model, opt = reference_model()
+    with watch(model, opt) as w:
+        opt.zero_grad()
+        for i, (x, y) in enumerate(reference_data()):
+            mse(model, x, y, ACC)  # loss.backward() forgotten
+            if (i + 1) % ACC == 0:
+                opt.step()
+                opt.zero_grad()
+    f = the(w, "empty-step")
+    assert kinds(w) == {"empty-step", "unused-parameter"}  # and no parameter ever got a gradient (info)
+    assert (f.params, f.step, f.backward, f.count) == (("weight", "bias"), 0, 0, 4)
+
+
+def test_stepping_twice_on_one_gradient():
+    model, opt = reference_model()
+    with watch(model, opt, accumulation_steps=ACC) as w:
+        opt.zero_grad()
+        for i, (x, y) in enumerate(reference_data()):
+            mse(model, x, y, ACC).backward()
+            if (i + 1) % ACC == 0:
+                opt.step()
+                opt.step()  # e.g. a scheduler/optimizer mix-up
+                opt.zero_grad()
+    f = the(w, "stale-gradient")
+    assert kinds(w) == {"stale-gradient"}
+    assert (f.params, f.step, f.backward, f.count) == (("weight", "bias"), 1, 2, 4)
+
+
+def test_window_of_the_wrong_size():
+    model, opt = reference_model()
+    with watch(model, opt, accumulation_steps=ACC) as w:
+        opt.zero_grad()
+        for i, (x, y) in enumerate(reference_data()):
+            mse(model, x, y, ACC).backward()
+            if (i + 1) % 3 == 0:  # off by one: steps every 3 micro-batches
+                opt.step()
+                opt.zero_grad()
+    f = the(w, "accumulation-mismatch")
+    assert (f.params, f.step, f.backward, f.count) == (("weight", "bias"), 0, 3, 2)
+    assert "consumed 3 backward pass(es)" in f.message
+    dangling = the(w, "dangling-gradient")  # batches 7 and 8 never reach a step
+    assert (dangling.step, dangling.backward) == (2, 8)
+
+
+def test_partial_final_window_at_detach():
+    model, opt = reference_model()
+    w = watch(model, opt, accumulation_steps=ACC)
+    opt.zero_grad()
+    for i, (x, y) in enumerate(reference_data(n_batches=7)):
+        mse(model, x, y, ACC).backward()
+        if (i + 1) % ACC == 0:
+            opt.step()
+            opt.zero_grad()
+    assert w.findings == []  # only known at the end of the run
+    w.detach()
+    f = the(w, "dangling-gradient")
+    assert kinds(w) == {"dangling-gradient"}
+    assert (f.severity, f.params, f.step, f.backward) == ("warning", ("weight", "bias"), 3, 7)
+    assert "1 backward pass(es)" in f.message
+
+
+def test_layer_missing_from_the_optimizer():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    opt = torch.optim.SGD(model[0].parameters(), lr=0.01)  # the head was forgotten
+    with watch(model, opt, accumulation_steps=ACC) as w:
+        opt.zero_grad()
+        for i, (x, y) in enumerate(reference_data()):
+            mse(model, x, y, ACC).backward()
+            if (i + 1) % ACC == 0:
+                opt.step()
+                opt.zero_grad()
+    f = the(w, "orphan-gradient")
+    assert kinds(w) == {"orphan-gradient"}
+    assert (f.params, f.step, f.backward, f.count) == (("2.weight", "2.bias"), 0, 0, 8)
+
+
+def test_unused_layer_is_info():
+    class WithUnusedHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(10, 1)
+            self.unused = torch.nn.Linear(10, 1)
+
+        def forward(self, x):
+            return self.body(x)
+
+    torch.manual_seed(0)
+    model = WithUnusedHead()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with watch(model, opt, accumulation_steps=ACC) as w:
+        opt.zero_grad()
+        for i, (x, y) in enumerate(reference_data()):
+            mse(model, x, y, ACC).backward()
+            if (i + 1) % ACC == 0:
+                opt.step()
+                opt.zero_grad()
+    f = the(w, "unused-parameter")
+    assert kinds(w) == {"unused-parameter"}
+    assert (f.severity, f.params, f.step) == ("info", ("unused.weight", "unused.bias"), 4)
+    w.assert_clean()  # info findings do not fail assert_clean
+
+
+@pytest.mark.parametrize("k", [0, 3, 5])
+def test_nan_entering_at_micro_batch_k(k):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    micro_batch = {"i": 0}
+    # a numerically broken backward of one layer, at micro-batch k only
+    model[2].weight.register_hook(lambda g: g * float("nan") if micro_batch["i"] == k else g)
+    with watch(model, opt, accumulation_steps=ACC) as w:
+        opt.zero_grad()
+        for i, (x, y) in enumerate(reference_data()):
+            micro_batch["i"] = i
+            mse(model, x, y, ACC).backward()
+            if (i + 1) % ACC == 0:
+                opt.step()
+                opt.zero_grad()
+    f = [f for f in w.findings if f.kind == "non-finite-gradient"][0]
+    assert (f.params, f.step, f.backward) == (("2.weight",), k // ACC, k)
+
+
+def test_gan_whose_generator_is_never_zeroed():
+    model, opt_g, opt_d, batches = _gan()
+    with watch(model, [opt_g, opt_d]) as w:
+        for real, z in batches:
+            _gan_iteration(model, opt_g, opt_d, real, z, zero_generator=False)
+    f = the(w, "uncleared-gradient")
+    assert kinds(w) == {"uncleared-gradient"}
+    assert f.params == ("g.weight", "g.bias")  # the discriminator is zeroed each iteration: not accused
+    assert (f.step, f.backward) == (1, 3)  # iteration 1's generator backward, after opt_g's step 0
+
+
+def test_zero_grad_once_per_epoch_instead_of_per_step():
+    model, opt = reference_model()
+    data = reference_data()
+    with watch(model, opt, accumulation_steps=ACC) as w:
+        for _epoch in range(2):
+            opt.zero_grad()
+            for i, (x, y) in enumerate(data):
+                mse(model, x, y, ACC).backward()
+                if (i + 1) % ACC == 0:
+                    opt.step()
+    f = the(w, "uncleared-gradient")
+    assert kinds(w) == {"uncleared-gradient"}
+    assert (f.step, f.backward, f.count) == (1, 2, 6)
+
+
+def test_stray_backward_before_the_loop_is_consumed_by_the_first_step():
+    model, opt = reference_model()
+    data = reference_data()
+    with watch(model, opt, accumulation_steps=ACC) as w:
+        opt.zero_grad()
+        mse(model, *data[0]).backward()  # a sanity pass "to check the graph", never cleared
+        for i, (x, y) in enumerate(data):
+            mse(model, x, y, ACC).backward()
+            if (i + 1) % ACC == 0:
+                opt.step()
+                opt.zero_grad()
+    f = the(w, "accumulation-mismatch")
+    assert kinds(w) == {"accumulation-mismatch"}
+    assert (f.params, f.step, f.backward, f.count) == (("weight", "bias"), 0, 3, 1)
+    assert "consumed 3 backward pass(es)" in f.message
+
+
+def test_backward_in_the_validation_loop():
+    model, opt = reference_model()
+    data, val = reference_data(), reference_data(n_batches=2, seed=1)
+    with watch(model, opt, accumulation_steps=ACC) as w:
+        opt.zero_grad()
+        for _epoch in range(2):
+            for i, (x, y) in enumerate(data):
+                mse(model, x, y, ACC).backward()
+                if (i + 1) % ACC == 0:
+                    opt.step()
+                    opt.zero_grad()
+            for x, y in val:  # validation, but with a copy-pasted backward and no torch.no_grad()
+                mse(model, x, y).backward()
+    f = the(w, "accumulation-mismatch")
+    assert (f.step, f.backward) == (4, 12)  # epoch 1's first step took 2 validation + 2 training passes
+    assert "consumed 4 backward pass(es)" in f.message
+    assert the(w, "dangling-gradient").params == ("weight", "bias")  # epoch 1's validation passes
+
+
+def test_skipping_step_and_zero_grad_on_a_nan_batch_keeps_accumulating():
+    model, opt = reference_model()
+    data = reference_data()
+    data[3] = (torch.full_like(data[3][0], float("nan")), data[3][1])
+    with watch(model, opt, accumulation_steps=ACC) as w:
+        opt.zero_grad()
+        for i, (x, y) in enumerate(data):
+            loss = mse(model, x, y, ACC)
+            loss.backward()
+            if not torch.isfinite(loss):
+                continue  # "skip the bad batch": its NaN gradient stays in .grad
+            if (i + 1) % ACC == 0:
+                opt.step()
+                opt.zero_grad()
+    nan = [f for f in w.findings if f.kind == "non-finite-gradient"][0]
+    assert (nan.params, nan.step, nan.backward) == (("weight", "bias"), 1, 3)
+    mismatch = the(w, "accumulation-mismatch")
+    assert (mismatch.step, mismatch.backward) == (1, 6)
+    assert "consumed 4 backward pass(es)" in mismatch.message
+
+
+# -- GAN helpers (shared with the clean idioms) -----------------------------------------------------
+def _gan():
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"g": torch.nn.Linear(4, 8), "d": torch.nn.Linear(8, 1)})
+    opt_g = torch.optim.Adam(model["g"].parameters(), lr=1e-3)
+    opt_d = torch.optim.Adam(model["d"].parameters(), lr=1e-3)
+    batches = [(torch.randn(6, 8), torch.randn(6, 4)) for _ in range(4)]
+    return model, opt_g, opt_d, batches
+
+
+def _gan_iteration(model, opt_g, opt_d, real, z, zero_generator=True):
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    g, d = model["g"], model["d"]
+    opt_d.zero_grad()
+    fake = g(z)
+    d_loss = bce(d(real), torch.ones(6, 1)) + bce(d(fake.detach()), torch.zeros(6, 1))
+    d_loss.backward()
+    opt_d.step()
+    if zero_generator:
+        opt_g.zero_grad()
+    g_loss = bce(d(fake), torch.ones(6, 1))  # reaches the discriminator too: a by-product, cleared next time
+    g_loss.backward()
+    opt_g.step()
+
+
+def test_raise_mode_raises_from_the_step_that_consumes_an_uncleared_gradient():
+    model, opt = reference_model()
+    data = reference_data()
+    w = watch(model, opt, on_finding="raise")
+    mse(model, *data[0]).backward()
+    opt.step()
+    mse(model, *data[1]).backward()  # onto the consumed gradient: harmless until a step uses it
+    with pytest.raises(gradwatch.GradientBugError) as info:
+        opt.step()
+    assert [f.kind for f in info.value.findings] == ["uncleared-gradient"]
+    w.detach()
