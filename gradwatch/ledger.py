@@ -114,6 +114,9 @@ class Ledger:
 
     def clear_consumed(self, indices: Iterable[int]) -> None:
         """The consumed ``.grad`` of ``indices`` turned out to be zeroed in place before their fresh contributions."""
+        indices = list(indices)
+        if not indices:
+            return
         for i in indices:
             if self.consumed[i]:
                 self.consumed[i] = 0

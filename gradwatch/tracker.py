@@ -9,7 +9,7 @@ is computed on the device when a backward pass starts and read only if a step is
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -108,14 +108,8 @@ class Tracker:
         """Before the step (and its closure): notice gradients set to None since we last saw them."""
         if self.stopped:
             return
-        ledger = self.ledger
-        cleared = [
-            i
-            for i, p in self._params_of(opt_index, optimizer)
-            if (ledger.fresh[i] or ledger.consumed[i]) and (p.grad is None or not self._same_grad(i, p.grad))
-        ]
-        out = ledger.clear(cleared, "setting .grad to None") if cleared else []
-        ledger.step_begin(opt_index)
+        out = self._notice_set_to_none(self._params_of(opt_index, optimizer))
+        self.ledger.step_begin(opt_index)
         self._emit(out)
 
     def on_step_post(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
@@ -161,8 +155,10 @@ class Tracker:
             return
         if len(self._finite):
             self._read_finite_checks()
-        trainable = [p is not None and p.requires_grad for p in (ref() for ref in self._params)]
-        self._emit(self.ledger.finish(trainable))
+        params = [ref() for ref in self._params]
+        out = self._notice_set_to_none((i, p) for i, p in enumerate(params) if p is not None)
+        trainable = [p is not None and p.requires_grad for p in params]
+        self._emit(out + self.ledger.finish(trainable))
 
     # -- helpers -----------------------------------------------------------------------------------
     def _cleared(self, indices: list[int], source: str) -> None:
@@ -173,6 +169,16 @@ class Tracker:
         for i in indices:
             self._zeroed.pop(i, None)
         self._emit(self.ledger.clear(indices, source))
+
+    def _notice_set_to_none(self, params: Iterable[tuple[int, torch.Tensor]]) -> list[Occurrence]:
+        """Clear the parameters holding contributions whose ``.grad`` became None or another tensor."""
+        ledger = self.ledger
+        cleared = [
+            i
+            for i, p in params
+            if (ledger.fresh[i] or ledger.consumed[i]) and (p.grad is None or not self._same_grad(i, p.grad))
+        ]
+        return ledger.clear(cleared, "setting .grad to None") if cleared else []
 
     def _read_finite_checks(self) -> None:
         owners = self.ledger.owners

@@ -181,7 +181,7 @@ def test_nan_entering_at_micro_batch_k(k):
             if (i + 1) % ACC == 0:
                 opt.step()
                 opt.zero_grad()
-    f = [f for f in w.findings if f.kind == "non-finite-gradient"][0]
+    f = next(f for f in w.findings if f.kind == "non-finite-gradient")
     assert (f.params, f.step, f.backward) == (("2.weight",), k // ACC, k)
 
 
@@ -261,7 +261,7 @@ def test_skipping_step_and_zero_grad_on_a_nan_batch_keeps_accumulating():
             if (i + 1) % ACC == 0:
                 opt.step()
                 opt.zero_grad()
-    nan = [f for f in w.findings if f.kind == "non-finite-gradient"][0]
+    nan = next(f for f in w.findings if f.kind == "non-finite-gradient")
     assert (nan.params, nan.step, nan.backward) == (("weight", "bias"), 1, 3)
     mismatch = the(w, "accumulation-mismatch")
     assert (mismatch.step, mismatch.backward) == (1, 6)

@@ -1,0 +1,30 @@
+"""The examples run as users run them, as scripts."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+
+def _run(name: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_reference_loop_example_is_clean():
+    result = _run("reference_loop.py")
+    assert result.returncode == 0, result.stderr
+    assert "no findings" in result.stdout
+    assert "GradientWarning" not in result.stderr
+
+
+def test_missing_zero_grad_example_names_the_bug():
+    result = _run("missing_zero_grad.py")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "GradientWarning: gradwatch: uncleared-gradient: backward pass 2" in result.stderr
+    assert "found: ['uncleared-gradient']" in result.stdout
+    assert "gradient clears:    1" in result.stdout

@@ -1,0 +1,129 @@
+"""The ledger alone: no model, no torch."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+from gradwatch import findings as k
+from gradwatch.ledger import NO_OWNER, Ledger
+
+
+def kinds(occurrences):
+    return [o.kind for o in occurrences]
+
+
+def test_ledger_does_not_import_torch():
+    source = pathlib.Path(k.__file__).with_name("ledger.py").read_text()
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    }
+    assert "torch" not in imported
+
+
+def test_one_window_consumed_once_is_clean():
+    ledger = Ledger([0, 0], 1, accumulation_steps=2)
+    assert ledger.backward([0, 1]) == []
+    assert ledger.backward([0, 1]) == []
+    ledger.step_begin(0)
+    assert ledger.step_end(0, [0, 1]) == []
+    assert ledger.clear([0, 1], "zero_grad") == []
+    assert ledger.finish([True, True]) == []
+    assert (ledger.backwards, ledger.steps, ledger.clears, ledger.uncleared) == (2, [1], 1, 0)
+
+
+def test_contribution_onto_consumed_gradient_is_reported_when_a_step_consumes_it():
+    ledger = Ledger([0], 1)
+    ledger.backward([0])
+    ledger.step_begin(0)
+    ledger.step_end(0, [0])
+    assert ledger.backward([0]) == []  # not yet: a clear could still come
+    ledger.step_begin(0)
+    (occ,) = ledger.step_end(0, [0])
+    assert (occ.kind, occ.params, occ.step, occ.backward) == (k.UNCLEARED, (0,), 1, 1)
+
+
+def test_contribution_onto_consumed_gradient_then_cleared_is_harmless_by_product():
+    ledger = Ledger([0, 1], 2)  # param 0 belongs to optimizer 0, param 1 to optimizer 1
+    ledger.backward([0])
+    ledger.step_begin(0)
+    ledger.step_end(0, [0])
+    ledger.backward([0, 1])  # optimizer 1's backward also reaches param 0
+    ledger.step_begin(1)
+    assert ledger.step_end(1, [1]) == []
+    assert ledger.clear([0], "zero_grad") == []  # backward 1 was consumed (for param 1): a by-product
+    assert ledger.finish([True, True]) == []
+
+
+def test_clear_inside_a_step_belongs_to_the_step():
+    ledger = Ledger([0], 1)
+    ledger.backward([0])
+    ledger.step_begin(0)
+    assert ledger.clear([0], "closure zero_grad") == []
+    ledger.backward([0])
+    assert ledger.step_end(0, [0]) == []
+
+
+def test_nested_step_hooks_count_once():
+    ledger = Ledger([0], 1)
+    ledger.backward([0])
+    ledger.step_begin(0)
+    ledger.step_begin(0)  # a subclass whose step() calls super().step()
+    assert ledger.step_end(0, [0]) == []
+    assert ledger.step_end(0, [0]) == []
+    assert ledger.steps == [1]
+
+
+def test_discarded_empty_stale_and_mismatch():
+    ledger = Ledger([0, 0], 1, accumulation_steps=2)
+    ledger.backward([0, 1])
+    (discarded,) = ledger.clear([0, 1], "zero_grad")
+    assert (discarded.kind, discarded.detail["fresh"]) == (k.DISCARDED, 1)
+    ledger.step_begin(0)
+    assert kinds(ledger.step_end(0, [0, 1])) == [k.EMPTY_STEP]
+    ledger.backward([0, 1])
+    ledger.step_begin(0)
+    (mismatch,) = ledger.step_end(0, [0, 1])
+    assert (mismatch.kind, mismatch.detail) == (k.ACCUMULATION_MISMATCH, {"window": 1, "expected": 2})
+    ledger.step_begin(0)
+    assert kinds(ledger.step_end(0, [0, 1])) == [k.STALE]
+
+
+def test_orphans_dangling_and_unused():
+    ledger = Ledger([0, NO_OWNER, 0], 1)
+    (orphan,) = ledger.backward([0, 1])
+    assert (orphan.kind, orphan.params) == (k.ORPHAN, (1,))
+    ledger.step_begin(0)
+    ledger.step_end(0, [0, 2])
+    ledger.backward([0])
+    dangling, unused = ledger.finish([True, True, True])
+    assert (dangling.kind, dangling.params, dangling.detail) == (k.DANGLING, (0,), {"fresh": 1})
+    assert (unused.kind, unused.params) == (k.UNUSED, (2,))
+    assert ledger.finish([True, True, False])[1:] == []  # frozen: not unused
+
+
+def test_nonfinite_window_may_be_dropped_but_not_consumed():
+    ledger = Ledger([0, 0], 1)
+    ledger.backward([0, 1])
+    ledger.mark_nonfinite(1, 0, 0)
+    assert ledger.clear([0, 1], "zero_grad") == []  # a skipped step (GradScaler, or the user's own check)
+    ledger.backward([0, 1])
+    ledger.mark_nonfinite(0, 0, 1)
+    ledger.step_begin(0)
+    (nan,) = ledger.step_end(0, [0, 1])
+    assert (nan.kind, nan.params, nan.step, nan.backward) == (k.NON_FINITE, (0,), 0, 1)
+
+
+def test_consumed_gradient_zeroed_in_place_is_a_clear():
+    ledger = Ledger([0], 1)
+    ledger.backward([0])
+    ledger.step_begin(0)
+    ledger.step_end(0, [0])
+    ledger.backward([0])
+    ledger.clear_consumed([0])
+    ledger.step_begin(0)
+    assert ledger.step_end(0, [0]) == []
+    assert ledger.uncleared == 1  # the new window's gradient, consumed now

@@ -1,0 +1,121 @@
+"""Random sequences of backward / step / zero_grad / p.grad = None / clip, against a reference model of the rules."""
+
+from __future__ import annotations
+
+import torch
+from helpers import watch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+NAMES = ("weight", "bias")
+OPS = st.sampled_from(["backward", "step", "zero_none", "zero_keep", "none_weight", "none_bias", "clip"])
+
+
+class ReferenceRules:
+    """An independent, deliberately naive model of the contract for one optimizer over every parameter."""
+
+    def __init__(self, accumulation_steps):
+        self.k = accumulation_steps
+        self.fresh = dict.fromkeys(NAMES, 0)
+        self.consumed = dict.fromkeys(NAMES, 0)
+        self.mixed = {}
+        self.has_grad = dict.fromkeys(NAMES, False)
+        self.received = False
+        self.steps = self.backwards = 0
+        self.first = {}  # kind -> (step, backward)
+        self.params = {}  # kind -> names
+
+    def _found(self, kind, names, step=None, backward=None):
+        step = self.steps if step is None else step
+        self.first.setdefault(kind, (step, self.backwards if backward is None else backward))
+        self.params.setdefault(kind, set()).update(names)
+
+    def _clear(self, names):
+        lost = [n for n in names if self.fresh[n]]
+        if lost:
+            self._found("discarded-gradient", lost)
+        for n in names:
+            self.fresh[n] = self.consumed[n] = 0
+            self.mixed.pop(n, None)
+
+    def apply(self, op):
+        if op == "backward":
+            for n in NAMES:
+                if self.consumed[n] and not self.fresh[n]:
+                    self.mixed.setdefault(n, (self.steps, self.backwards))
+                self.fresh[n] += 1
+                self.has_grad[n] = True
+            self.received = True
+            self.backwards += 1
+        elif op == "step":
+            fresh = [n for n in NAMES if self.fresh[n]]
+            stale = [n for n in NAMES if self.consumed[n] and not self.fresh[n]]
+            if not fresh and not stale:
+                self._found("empty-step", NAMES)
+            if stale:
+                self._found("stale-gradient", stale)
+            mixed = [n for n in fresh if n in self.mixed]
+            if mixed:
+                self._found("uncleared-gradient", mixed, *min(self.mixed[n] for n in mixed))
+            if self.k is not None and fresh and max(self.fresh[n] for n in fresh) != self.k:
+                self._found("accumulation-mismatch", fresh)
+            for n in fresh:
+                self.consumed[n] += self.fresh[n]
+                self.fresh[n] = 0
+                self.mixed.pop(n, None)
+            self.steps += 1
+        elif op in ("zero_none", "zero_keep"):
+            self._clear(NAMES)
+        elif op.startswith("none_"):
+            name = op[len("none_") :]
+            self._clear([name])
+            self.has_grad[name] = False
+        # clip changes values in place: not a clear, nothing to book
+
+    def finish(self):
+        fresh = [n for n in NAMES if self.fresh[n]]
+        if fresh:
+            self._found("dangling-gradient", fresh)
+        if self.steps and not self.received:
+            self._found("unused-parameter", NAMES)
+
+
+def _run(ops, accumulation_steps):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(5, 3), torch.randn(5, 2)
+    with watch(model, opt, accumulation_steps=accumulation_steps) as w:
+        for op in ops:
+            if op == "backward":
+                torch.nn.functional.mse_loss(model(x), y).backward()
+            elif op == "step":
+                opt.step()
+            elif op == "zero_none":
+                opt.zero_grad(set_to_none=True)
+            elif op == "zero_keep":
+                opt.zero_grad(set_to_none=False)
+            elif op.startswith("none_"):
+                getattr(model, op[len("none_") :]).grad = None
+            elif op == "clip":
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+    return w
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(OPS, max_size=14), accumulation_steps=st.sampled_from([None, 1, 2]))
+def test_findings_match_the_reference_rules(ops, accumulation_steps):
+    w = _run(ops, accumulation_steps)
+    ref = ReferenceRules(accumulation_steps)
+    for op in ops:
+        ref.apply(op)
+    ref.finish()
+
+    found_first, found_params = {}, {}
+    for f in w.findings:
+        found_first.setdefault(f.kind, (f.step, f.backward))
+        found_params.setdefault(f.kind, set()).update(f.params)
+    assert found_params == ref.params, (ops, w.findings)
+    assert found_first == ref.first, (ops, w.findings)
+    counts = {f.kind: f.count for f in w.findings}
+    assert all(c >= 1 for c in counts.values())

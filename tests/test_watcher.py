@@ -1,0 +1,288 @@
+"""The public API: arguments, on_finding modes, report, assert_clean, detach, and never breaking training."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import io
+import pickle
+import tracemalloc
+import warnings
+import weakref
+
+import pytest
+import torch
+from helpers import mse, reference_data, reference_loop, reference_model, watch
+
+import gradwatch
+from gradwatch import GradientBugError, GradientWarning
+
+
+def _missing_zero_grad(model, opt, data):
+    for x, y in data:
+        mse(model, x, y).backward()
+        opt.step()
+
+
+# -- arguments ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kwargs", "error", "text"),
+    [
+        ({"model": "not a model"}, TypeError, "torch.nn.Module"),
+        ({"optimizer": "sgd"}, TypeError, "torch.optim.Optimizer"),
+        ({"optimizer": []}, ValueError, "at least one optimizer"),
+        ({"accumulation_steps": 0}, ValueError, "accumulation_steps must be >= 1"),
+        ({"accumulation_steps": 2.0}, TypeError, "accumulation_steps must be an int"),
+        ({"accumulation_steps": True}, TypeError, "accumulation_steps must be an int"),
+        ({"on_finding": "print"}, ValueError, "on_finding must be one of"),
+        ({"on_finding": 3}, TypeError, "on_finding must be one of"),
+        ({"logdir": 3}, TypeError, "logdir must be a str or os.PathLike"),
+    ],
+)
+def test_bad_arguments_fail_fast_with_a_message(kwargs, error, text):
+    model, opt = reference_model()
+    args = {"model": model, "optimizer": opt, **kwargs}
+    with pytest.raises(error, match=text):
+        gradwatch.watch(args.pop("model"), args.pop("optimizer"), **args)
+    assert model.weight._post_accumulate_grad_hooks in (None, {})  # nothing was left attached
+
+
+def test_optimizer_of_another_model_is_refused():
+    model, _ = reference_model()
+    other = torch.nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="holds none of the model's parameters"):
+        gradwatch.watch(model, torch.optim.SGD(other.parameters(), lr=0.1))
+
+
+def test_optimizer_only_parameters_are_watched_under_a_synthesized_name():
+    model, _ = reference_model()
+    temperature = torch.nn.Parameter(torch.ones(()))
+    opt = torch.optim.SGD([*model.parameters(), temperature], lr=0.01)
+    with watch(model, opt) as w:
+        for x, y in reference_data(3):
+            torch.nn.functional.mse_loss(model(x) * temperature, y).backward()
+            opt.step()  # missing zero_grad
+    (f,) = w.findings
+    assert f.params == ("weight", "bias", "optimizer[0].param_groups[0][2]")
+
+
+def test_watching_the_same_model_twice_is_refused_until_detached():
+    model, opt = reference_model()
+    w = watch(model, opt)
+    with pytest.raises(ValueError, match="already watched"):
+        gradwatch.watch(model, opt)
+    w.detach()
+    watch(model, opt).detach()
+
+
+def test_logdir_is_accepted_with_a_warning_until_tensorboard_streaming_lands(tmp_path):
+    model, opt = reference_model()
+    with pytest.warns(GradientWarning, match="TensorBoard streaming is not implemented yet"):
+        w = gradwatch.watch(model, opt, logdir=tmp_path, on_finding="record")
+    w.detach()
+
+
+# -- on_finding modes -------------------------------------------------------------------------------
+def test_warn_mode_warns_once_per_distinct_finding():
+    model, opt = reference_model()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gradwatch.watch(model, opt) as w:
+            _missing_zero_grad(model, opt, reference_data())
+    ours = [c for c in caught if issubclass(c.category, GradientWarning)]
+    assert len(ours) == 1
+    assert "uncleared-gradient" in str(ours[0].message)
+    assert w.findings[0].count == 7
+
+
+def test_callable_mode_receives_each_new_finding():
+    model, opt = reference_model()
+    seen = []
+    with gradwatch.watch(model, opt, on_finding=seen.append):
+        _missing_zero_grad(model, opt, reference_data())
+    assert [f.kind for f in seen] == ["uncleared-gradient"]
+
+
+def test_a_failing_callback_is_reported_once_and_training_goes_on():
+    model, opt = reference_model()
+
+    def broken(finding):
+        raise RuntimeError("callback bug")
+
+    with (
+        pytest.warns(GradientWarning, match="on_finding callback raised"),
+        gradwatch.watch(model, opt, on_finding=broken) as w,
+    ):
+        _missing_zero_grad(model, opt, reference_data())
+    assert w.findings[0].count == 7
+
+
+def test_raise_mode_raises_from_zero_grad_for_a_discarded_gradient():
+    model, opt = reference_model()
+    w = watch(model, opt, on_finding="raise")
+    mse(model, *reference_data(1)[0]).backward()
+    with pytest.raises(GradientBugError) as info:
+        opt.zero_grad()
+    assert info.value.findings[0].kind == "discarded-gradient"
+    assert model.weight.grad is None  # the user's zero_grad itself ran
+    w.detach()
+
+
+def test_raise_mode_raises_from_backward_for_an_orphan_gradient():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 4), torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    w = watch(model, opt, on_finding="raise")
+    x, y = reference_data(1)[0]
+    with pytest.raises(GradientBugError, match="orphan-gradient"):
+        mse(model, x, y).backward()
+    opt.step()  # the watcher still works after the raise
+    opt.zero_grad()
+    w.detach()
+    assert [f.kind for f in w.findings] == ["orphan-gradient"]
+
+
+def test_raise_mode_raises_at_detach_for_a_dangling_window_but_not_over_another_exception():
+    model, opt = reference_model()
+    w = watch(model, opt, on_finding="raise")
+    mse(model, *reference_data(1)[0]).backward()
+    with pytest.raises(GradientBugError, match="dangling-gradient"):
+        w.detach()
+    assert not w.attached
+
+    model, opt = reference_model()
+    with pytest.raises(KeyError), watch(model, opt, on_finding="raise"):
+        mse(model, *reference_data(1)[0]).backward()
+        raise KeyError("the user's own error wins")
+
+
+# -- report and assert_clean ------------------------------------------------------------------------
+def test_report_and_assert_clean():
+    model, opt = reference_model()
+    with watch(model, opt) as w:
+        _missing_zero_grad(model, opt, reference_data())
+    text = w.report()
+    assert "uncleared-gradient at step 1, backward 1, 7 times" in text
+    assert "backward passes:    8" in text
+    with pytest.raises(GradientBugError, match="1 gradient bug") as info:
+        w.assert_clean()
+    assert info.value.findings == tuple(w.findings)
+    w.assert_clean(allow=["uncleared-gradient"])
+    with pytest.raises(ValueError, match="unknown kind"):
+        w.assert_clean(allow=["uncleared-gradients"])
+
+
+def test_finding_is_frozen_and_exported():
+    model, opt = reference_model()
+    with watch(model, opt) as w:
+        _missing_zero_grad(model, opt, reference_data(3))
+    finding = w.findings[0]
+    with pytest.raises(AttributeError):
+        finding.count = 0
+    assert set(gradwatch.__all__) >= {"watch", "Finding", "GradientBugError", "GradientWarning"}
+    assert len(gradwatch.KINDS) == 9
+
+
+# -- never break the training -----------------------------------------------------------------------
+@pytest.mark.parametrize("bug", [False, True])
+def test_training_numbers_are_identical_bit_for_bit(bug):
+    data = reference_data()
+    results = []
+    for watched in (False, True):
+        model, opt = reference_model()
+        w = watch(model, opt, accumulation_steps=2) if watched else None
+        if bug:
+            _missing_zero_grad(model, opt, data)
+        else:
+            reference_loop(model, opt, data)
+        if w:
+            w.detach()
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_detach_removes_every_hook_wrapper_and_reference():
+    model, opt = reference_model()
+    original_module_zero_grad = torch.nn.Module.zero_grad
+    w = watch(model, opt)
+    assert "zero_grad" in opt.__dict__
+    assert torch.nn.Module.zero_grad is not original_module_zero_grad
+    reference_loop(model, opt, reference_data())
+    w.detach()
+    w.detach()  # idempotent
+    assert "zero_grad" not in opt.__dict__
+    assert torch.nn.Module.zero_grad is original_module_zero_grad
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+
+    model_ref, opt_ref = weakref.ref(model), weakref.ref(opt)
+    del model, opt
+    gc.collect()
+    assert model_ref() is None and opt_ref() is None  # the watcher, still alive, does not pin them
+    assert "detached" in w.report()
+
+
+def test_model_is_collected_while_watched_when_the_user_drops_it():
+    model, opt = reference_model()
+    w = watch(model, opt)
+    reference_loop(model, opt, reference_data(2))
+    model_ref = weakref.ref(model)
+    del model, opt
+    gc.collect()
+    assert model_ref() is None
+    w.detach()
+
+
+def test_internal_error_is_reported_once_and_contained(monkeypatch):
+    model, opt = reference_model()
+    w = watch(model, opt)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("ledger bug")
+
+    monkeypatch.setattr(w._tracker.ledger, "step_end", broken)
+    with pytest.warns(GradientWarning, match="stopped checking after an internal error") as caught:
+        reference_loop(model, opt, reference_data())  # four steps: one warning
+        w.detach()
+    assert len([c for c in caught if "internal error" in str(c.message)]) == 1
+    assert "stopped checking: internal error in optimizer.step" in w.report()
+
+
+def test_pickling_and_saving_work_while_watched():
+    model, opt = reference_model()
+    with watch(model, opt):
+        reference_loop(model, opt, reference_data(2))
+        torch.save(model, io.BytesIO())
+        restored = pickle.loads(pickle.dumps(opt))
+        assert "zero_grad" not in restored.__dict__
+        copy.deepcopy(opt)
+
+
+def test_memory_stays_bounded_on_a_long_buggy_run():
+    model, opt = reference_model()
+    x, y = reference_data(1)[0]
+    with watch(model, opt, accumulation_steps=2) as w:
+
+        def run(n):
+            for _ in range(n):
+                mse(model, x, y).backward()  # missing zero_grad and a window of 1: two findings every step
+                opt.step()
+
+        run(3000)  # past torch's own warm-up allocations
+        tracemalloc.start()
+        before = tracemalloc.take_snapshot()
+        run(3000)
+        after = tracemalloc.take_snapshot()
+        tracemalloc.stop()
+    growth = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    assert growth < 32 * 1024, growth
+    assert len(w.findings) == 2 and w.findings[0].count > 5000
+    assert len(w._tracker._finite) == 0 and len(w._tracker._zeroed) <= 2
+
+
+def test_context_manager_detaches():
+    model, opt = reference_model()
+    with watch(model, opt) as w:
+        assert w.attached
+    assert not w.attached
+    assert repr(w).startswith("<gradwatch.Watcher detached")
