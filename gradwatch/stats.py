@@ -60,7 +60,8 @@ class FiniteChecks:
         for w in pending:
             for positions, norms in w.groups:
                 finite = torch.isfinite(norms).tolist()
-                found.extend((w.params[p], w.owner_steps, w.backward) for p, ok in zip(positions, finite) if not ok)
+                bad = [p for p, ok in zip(positions, finite, strict=True) if not ok]
+                found.extend((w.params[p], w.owner_steps, w.backward) for p in bad)
         return found
 
 
@@ -71,7 +72,7 @@ def _to_host(flags: list[torch.Tensor]) -> list[bool]:
         by_device.setdefault(f.device, []).append(pos)
     values = [False] * len(flags)
     for positions in by_device.values():
-        for pos, value in zip(positions, torch.stack([flags[p] for p in positions]).tolist()):
+        for pos, value in zip(positions, torch.stack([flags[p] for p in positions]).tolist(), strict=True):
             values[pos] = bool(value)
     return values
 

@@ -121,7 +121,7 @@ class Tracker:
         mixed = [i for i in indices if ledger.mixed_at[i] is not None and i in self._zeroed]
         if mixed:
             zeroed = read_flags([self._zeroed[i] for i in mixed])
-            ledger.clear_consumed([i for i, z in zip(mixed, zeroed) if z])
+            ledger.clear_consumed([i for i, z in zip(mixed, zeroed, strict=True) if z])
         for i in mixed:
             del self._zeroed[i]
         if len(self._finite):
@@ -201,6 +201,6 @@ class Tracker:
             self._opt_layout[opt_index] = size_indices = self._layout(optimizer)
             indices = size_indices[1]
         params = (p for group in optimizer.param_groups for p in group["params"])
-        for i, p in zip(indices, params):
+        for i, p in zip(indices, params, strict=True):
             if i != NO_OWNER and self.ledger.owners[i] == opt_index:
                 yield i, p

@@ -198,7 +198,7 @@ def test_training_numbers_are_identical_bit_for_bit(bug):
         if w:
             w.detach()
         results.append([p.detach().clone() for p in model.parameters()])
-    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
 
 
 def test_detach_removes_every_hook_wrapper_and_reference():
