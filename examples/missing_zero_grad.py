@@ -1,13 +1,10 @@
 """The reference loop with its most common bug: no zero_grad() after step(). gradwatch names it."""
 
 import sys
-import warnings
 
 import torch
 
 import gradwatch
-
-warnings.formatwarning = lambda message, category, *args, **kwargs: f"{category.__name__}: {message}\n"
 
 torch.manual_seed(0)
 model = torch.nn.Linear(10, 1)

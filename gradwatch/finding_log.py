@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from dataclasses import replace
 from typing import Callable, Sequence, Union
@@ -12,6 +14,22 @@ from .ledger import Occurrence
 OnFinding = Union[str, Callable[[Finding], None]]
 POLICIES = ("warn", "raise", "record")
 MAX_DISTINCT = 1000  # past this many distinct findings, new ones are counted into the first of their kind
+_INTERNAL_DIRS = tuple(
+    os.path.dirname(os.path.abspath(path)) + os.sep for path in (__file__, sys.modules["torch"].__file__ or "")
+)
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside gradwatch and torch."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn(message: str) -> None:
+    """Issue a GradientWarning attributed to the user's line (the backward(), step() or zero_grad() call)."""
+    warnings.warn(message, GradientWarning, stacklevel=user_stacklevel())
 
 
 class FindingLog:
@@ -54,7 +72,7 @@ class FindingLog:
             return
         if policy == "warn":
             for finding in new:
-                warnings.warn(f"gradwatch: {finding.kind}: {finding.message}", GradientWarning, stacklevel=3)
+                warn(f"gradwatch: {finding.kind}: {finding.message}")
         elif policy == "raise":
             bugs = [f for f in new if f.severity != "info"]
             if bugs:
@@ -68,8 +86,4 @@ class FindingLog:
                 except Exception as error:  # the user's callback must not break training
                     if not self._callback_failed:
                         self._callback_failed = True
-                        warnings.warn(
-                            f"gradwatch: the on_finding callback raised {error!r}; further errors from it are ignored",
-                            GradientWarning,
-                            stacklevel=3,
-                        )
+                        warn(f"gradwatch: the on_finding callback raised {error!r}; further errors from it are ignored")

@@ -11,7 +11,7 @@ from typing import Iterable, Sequence, Union
 
 import torch
 
-from .finding_log import POLICIES, FindingLog, OnFinding
+from .finding_log import POLICIES, FindingLog, OnFinding, warn
 from .findings import KINDS, Finding, GradientBugError, GradientWarning
 from .hooks import HookSet
 from .ledger import NO_OWNER
@@ -109,11 +109,9 @@ class Watcher:
 
     def _report_error(self, error: BaseException, where: str) -> None:
         self._internal_error = f"internal error in {where}: {error!r}"
-        warnings.warn(
+        warn(
             f"gradwatch stopped checking after an internal error in {where}: {error!r}. Training is not "
-            "affected; please report this with the traceback of the error.",
-            GradientWarning,
-            stacklevel=2,
+            "affected; please report this with the traceback of the error."
         )
 
 

@@ -92,6 +92,9 @@ def test_warn_mode_warns_once_per_distinct_finding():
     ours = [c for c in caught if issubclass(c.category, GradientWarning)]
     assert len(ours) == 1
     assert "uncleared-gradient" in str(ours[0].message)
+    assert ours[0].filename == __file__  # attributed to the user's step() call, not to gradwatch or torch
+    with open(__file__) as source:
+        assert "opt.step()" in source.read().splitlines()[ours[0].lineno - 1]
     assert w.findings[0].count == 7
 
 
