@@ -59,7 +59,7 @@ _MESSAGES: Mapping[str, str] = {
         "they are never updated. Pass them to the optimizer, or freeze them with requires_grad_(False)."
     ),
     NON_FINITE: (
-        "backward pass {backward} put NaN or Inf into the .grad of {params}, and an optimizer step consumed "
+        "backward {where} put NaN or Inf into the .grad of {params}, and an optimizer step consumed "
         "it. Look for log(0), division by zero or overflow in the loss, or skip such batches "
         "(clear the gradients instead of stepping)."
     ),

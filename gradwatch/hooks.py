@@ -27,7 +27,9 @@ class Receiver(Protocol):
     def on_backward_end(self, grads: dict[int, torch.Tensor | None]) -> None: ...
     def on_step_pre(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None: ...
     def on_step_post(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None: ...
+    def before_optimizer_clear(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None: ...
     def on_optimizer_cleared(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None: ...
+    def before_module_clear(self, module: torch.nn.Module) -> None: ...
     def on_module_cleared(self, module: torch.nn.Module) -> None: ...
     def internal_error(self, error: BaseException, where: str) -> None: ...
 
@@ -125,10 +127,13 @@ def _wrap_zero_grad(optimizer: torch.optim.Optimizer, opt_index: int, hooks: Hoo
     @functools.wraps(unbound)
     def zero_grad(*args: Any, **kwargs: Any) -> Any:
         opt = optimizer_ref()
-        result = previous(*args, **kwargs) if previous is not None else unbound(opt, *args, **kwargs)
         owner = hooks_ref()
-        if owner is not None and owner.active and opt is not None:
+        watching = owner is not None and owner.active and opt is not None
+        if watching:
             owner.grouper.close_stale()
+            _guard(owner.receiver, "optimizer.zero_grad", owner.receiver.before_optimizer_clear, opt_index, opt)
+        result = previous(*args, **kwargs) if previous is not None else unbound(opt, *args, **kwargs)
+        if watching:
             _guard(owner.receiver, "optimizer.zero_grad", owner.receiver.on_optimizer_cleared, opt_index, opt)
         return result
 
@@ -167,11 +172,13 @@ class _ModuleZeroGradDispatch:
     def _make_dispatcher(cls, original: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(original)
         def zero_grad(self: torch.nn.Module, set_to_none: bool = True) -> None:
+            watching = [hooks for hooks in cls.receivers if hooks.active]
+            for hooks in watching:
+                hooks.grouper.close_stale()
+                _guard(hooks.receiver, "model.zero_grad", hooks.receiver.before_module_clear, self)
             original(self, set_to_none)
-            for hooks in list(cls.receivers):
-                if hooks.active:
-                    hooks.grouper.close_stale()
-                    _guard(hooks.receiver, "model.zero_grad", hooks.receiver.on_module_cleared, self)
+            for hooks in watching:
+                _guard(hooks.receiver, "model.zero_grad", hooks.receiver.on_module_cleared, self)
 
         zero_grad._gradwatch_dispatch = True  # type: ignore[attr-defined]
         return zero_grad

@@ -45,7 +45,8 @@ class Ledger:
         self.fresh_first = [0] * n  # backward index of the first fresh contribution
         self.fresh_last = [-1] * n  # backward index of the latest fresh contribution
         self.mixed_at: list[tuple[int, int] | None] = [None] * n  # (step, backward) fresh landed on consumed
-        self.nonfinite_at: list[tuple[int, int] | None] = [None] * n  # (step, backward) NaN/Inf appeared
+        # (step, first, last backward) where NaN/Inf appeared; first == last when checked after every backward
+        self.nonfinite_at: list[tuple[int, int, int] | None] = [None] * n
         self.received = [False] * n
         self.steps = [0] * n_optimizers
         self.in_step = [0] * n_optimizers
@@ -131,14 +132,20 @@ class Ledger:
             return False
         return self.fresh_last[i] > self.newest_consumed_backward  # else a by-product of a consumed backward
 
-    def mark_nonfinite(self, i: int, step: int, backward: int) -> None:
-        """NaN/Inf was found in parameter ``i``'s ``.grad`` right after backward pass ``backward``."""
+    def mark_nonfinite(self, i: int, step: int, first_backward: int, last_backward: int | None = None) -> None:
+        """NaN/Inf was found in parameter ``i``'s ``.grad``, put there by one of the backward passes
+        ``first_backward``..``last_backward`` (the same one when it was checked after every backward pass)."""
         owner = self.owners[i]
         if owner == NO_OWNER or not (self.fresh[i] or self.consumed[i]):
             return
         if self.nonfinite_at[i] is None:
-            self.nonfinite_at[i] = (step, backward)
+            last = first_backward if last_backward is None else last_backward
+            self.nonfinite_at[i] = (step, first_backward, last)
         self.window_nonfinite[owner] = True
+
+    def window_of(self, i: int) -> tuple[int, int]:
+        """(first, last) backward pass of parameter ``i``'s fresh contributions."""
+        return self.fresh_first[i], self.fresh_last[i]
 
     def step_begin(self, opt: int) -> None:
         """An optimizer step starts (a closure may run backward and clears until ``step_end``)."""
@@ -165,8 +172,9 @@ class Ledger:
             out.append(Occurrence(k.UNCLEARED, tuple(mixed), first_step, first_b, detail))
         nonfinite = [i for i in indices if self.nonfinite_at[i] is not None and (fresh[i] or consumed[i])]
         if nonfinite:
-            first_step, first_b = min(self.nonfinite_at[i] for i in nonfinite)  # type: ignore[type-var]
-            out.append(Occurrence(k.NON_FINITE, tuple(nonfinite), first_step, first_b))
+            first_step, first_b, last_b = min(self.nonfinite_at[i] for i in nonfinite)  # type: ignore[type-var]
+            where = f"pass {first_b}" if first_b == last_b else f"passes {first_b}-{last_b} (one of them)"
+            out.append(Occurrence(k.NON_FINITE, tuple(nonfinite), first_step, first_b, {"where": where}))
         if self.accumulation_steps is not None and with_fresh:
             window = max(fresh[i] for i in with_fresh)
             if window != self.accumulation_steps:

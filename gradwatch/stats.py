@@ -77,6 +77,18 @@ def _to_host(flags: list[torch.Tensor]) -> list[bool]:
     return values
 
 
+def nonfinite_positions(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """Positions of the tensors holding NaN or Inf: one batched pass, one read (more only if some are bad)."""
+    groups = norms_by_group(tensors)
+    if not groups or all(_to_host([torch.isfinite(norms).all() for _, norms in groups])):
+        return []
+    bad = []
+    for positions, norms in groups:
+        finite = torch.isfinite(norms).tolist()
+        bad.extend(p for p, ok in zip(positions, finite, strict=True) if not ok)
+    return bad
+
+
 def zero_flags(grads: Sequence[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
     """(positions, bool tensor 'this gradient is all zeros') per group, kept on the device."""
     return [(positions, norms == 0) for positions, norms in norms_by_group(grads)]

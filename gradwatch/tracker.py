@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from .ledger import NO_OWNER, Ledger, Occurrence
-from .stats import FiniteChecks, read_flags, zero_flags
+from .stats import FiniteChecks, nonfinite_positions, read_flags, zero_flags
 
 Emit = Callable[[list[Occurrence]], None]
 
@@ -30,6 +30,7 @@ class Tracker:
         accumulation_steps: int | None,
         emit: Emit,
         on_internal_error: Callable[[BaseException, str], None],
+        finite_check: str = "step",
     ) -> None:
         n = len(params)
         self.ledger = Ledger(owners, len(optimizers), accumulation_steps)
@@ -39,7 +40,8 @@ class Tracker:
         self._grad_refs: list[weakref.ref[torch.Tensor] | None] = [None] * n
         self._grad_versions = [0] * n
         self._zeroed: dict[int, tuple[torch.Tensor, int | None]] = {}  # device evidence per suspected param
-        self._finite = FiniteChecks()
+        self._finite = FiniteChecks()  # used when finite_check == "backward"
+        self._check_every_backward = finite_check == "backward"
         self._emit = emit
         self._on_internal_error = on_internal_error
         self.stopped = False
@@ -97,7 +99,7 @@ class Tracker:
         for i in contributed:
             if ledger.mixed_at[i] is None:
                 self._zeroed.pop(i, None)
-        owned = [i for i in contributed if ledger.owners[i] != NO_OWNER]
+        owned = [i for i in contributed if ledger.owners[i] != NO_OWNER] if self._check_every_backward else []
         if owned:
             self._finite.add(backward, tuple(ledger.steps), owned, [grads[i] for i in owned])  # type: ignore[misc]
             if len(self._finite) > self._finite.max_pending:
@@ -117,28 +119,32 @@ class Tracker:
         if self.stopped:
             return
         ledger = self.ledger
-        indices = [i for i, _ in self._params_of(opt_index, optimizer)]
+        params = list(self._params_of(opt_index, optimizer))
+        indices = [i for i, _ in params]
         mixed = [i for i in indices if ledger.mixed_at[i] is not None and i in self._zeroed]
         if mixed:
             zeroed = read_flags([self._zeroed[i] for i in mixed])
             ledger.clear_consumed([i for i, z in zip(mixed, zeroed, strict=True) if z])
         for i in mixed:
             del self._zeroed[i]
-        if len(self._finite):
-            self._read_finite_checks()
+        self._check_finite([(i, p) for i, p in params if ledger.fresh[i]])
         self._emit(ledger.step_end(opt_index, indices))
+
+    def before_optimizer_clear(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
+        """``optimizer.zero_grad()`` is about to run."""
+        self._before_clear(list(self._params_of(opt_index, optimizer)))
 
     def on_optimizer_cleared(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
         """``optimizer.zero_grad()`` ran."""
         self._cleared([i for i, _ in self._params_of(opt_index, optimizer)], "optimizer.zero_grad()")
 
+    def before_module_clear(self, module: torch.nn.Module) -> None:
+        """``module.zero_grad()`` is about to run on some module."""
+        self._before_clear(self._watched_params_of(module))
+
     def on_module_cleared(self, module: torch.nn.Module) -> None:
         """``module.zero_grad()`` ran on some module; clear the watched parameters it holds."""
-        indices = []
-        for p in module.parameters():
-            i = self._index.get(id(p))
-            if i is not None and self._params[i]() is p:
-                indices.append(i)
+        indices = [i for i, _ in self._watched_params_of(module)]
         if indices:
             self._cleared(indices, f"{type(module).__name__}.zero_grad()")
 
@@ -153,22 +159,47 @@ class Tracker:
         """Run the end-of-run checks."""
         if self.stopped:
             return
-        if len(self._finite):
-            self._read_finite_checks()
         params = [ref() for ref in self._params]
-        out = self._notice_set_to_none((i, p) for i, p in enumerate(params) if p is not None)
+        alive = [(i, p) for i, p in enumerate(params) if p is not None]
+        self._check_finite([(i, p) for i, p in alive if self.ledger.fresh[i]])
+        out = self._notice_set_to_none(alive)
         trainable = [p is not None and p.requires_grad for p in params]
         self._emit(out + self.ledger.finish(trainable))
 
     # -- helpers -----------------------------------------------------------------------------------
+    def _before_clear(self, params: list[tuple[int, torch.Tensor]]) -> None:
+        """A clear may drop unconsumed gradients: a window holding NaN/Inf may be dropped on purpose."""
+        if not self.stopped and self.ledger.has_unconsumed(i for i, _ in params):
+            self._check_finite([(i, p) for i, p in params if self.ledger.fresh[i]])
+
     def _cleared(self, indices: list[int], source: str) -> None:
         if self.stopped:
             return
-        if len(self._finite) and self.ledger.has_unconsumed(indices):
-            self._read_finite_checks()  # a window with NaN/Inf may be dropped on purpose
         for i in indices:
             self._zeroed.pop(i, None)
         self._emit(self.ledger.clear(indices, source))
+
+    def _watched_params_of(self, module: torch.nn.Module) -> list[tuple[int, torch.Tensor]]:
+        params = []
+        for p in module.parameters():
+            i = self._index.get(id(p))
+            if i is not None and self._params[i]() is p:
+                params.append((i, p))
+        return params
+
+    def _check_finite(self, params: list[tuple[int, torch.Tensor]]) -> None:
+        """Mark the fresh gradients holding NaN/Inf: queued per-backward checks, or one batched check now."""
+        if self._check_every_backward:
+            if len(self._finite):
+                self._read_finite_checks()
+            return
+        params = [(i, p) for i, p in params if p.grad is not None]
+        if not params:
+            return
+        ledger = self.ledger
+        for pos in nonfinite_positions([p.grad for _, p in params]):  # type: ignore[misc]
+            i = params[pos][0]
+            ledger.mark_nonfinite(i, ledger.steps[ledger.owners[i]], *ledger.window_of(i))
 
     def _notice_set_to_none(self, params: Iterable[tuple[int, torch.Tensor]]) -> list[Occurrence]:
         """Clear the parameters holding contributions whose ``.grad`` became None or another tensor."""

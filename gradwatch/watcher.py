@@ -20,6 +20,7 @@ from .tracker import Tracker
 
 Optimizers = Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer]]
 
+FINITE_CHECKS = ("step", "backward")
 _watched: weakref.WeakSet = weakref.WeakSet()  # models and optimizers under a live watch
 
 
@@ -32,13 +33,16 @@ class Watcher:
         optimizers: list[torch.optim.Optimizer],
         accumulation_steps: int | None,
         on_finding: OnFinding,
+        finite_check: str = "step",
     ) -> None:
         params, names, owners = _collect(model, optimizers)
         self._log = FindingLog(names, on_finding)
         self._on_finding = on_finding
         self._internal_error: str | None = None
         self._n_params = len(params)
-        self._tracker = Tracker(params, owners, optimizers, accumulation_steps, self._log.record, self._report_error)
+        self._tracker = Tracker(
+            params, owners, optimizers, accumulation_steps, self._log.record, self._report_error, finite_check
+        )
         self._hooks = HookSet(self._tracker)
         self._targets = [weakref.ref(model), *(weakref.ref(o) for o in optimizers)]
         self._hooks.install(((i, p) for i, p in enumerate(params) if p.requires_grad), optimizers)
@@ -121,12 +125,17 @@ def watch(
     accumulation_steps: int | None = None,
     logdir: str | os.PathLike[str] | None = None,
     on_finding: OnFinding = "warn",
+    *,
+    finite_check: str = "step",
 ) -> Watcher:
     """Watch ``model``'s gradients from ``backward()`` through ``optimizer.step()`` to ``zero_grad()``.
 
     ``accumulation_steps`` is the number of backward passes each step should consume (None: not checked).
     ``on_finding`` is "warn", "raise", "record" or a callable taking a ``Finding``.
     ``logdir`` is accepted but TensorBoard streaming is not implemented yet (a GradientWarning says so).
+    ``finite_check`` is when gradients are checked for NaN/Inf: "step" (once per optimizer step; the finding
+    names the window of backward passes) or "backward" (after every backward pass: names the exact one, at
+    the cost of one batched norm per backward pass).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"watch() expects a torch.nn.Module as model, got {type(model).__name__}")
@@ -150,13 +159,15 @@ def watch(
             raise ValueError(f"on_finding must be one of {POLICIES} or a callable(Finding), got {on_finding!r}")
     elif not callable(on_finding):
         raise TypeError(f"on_finding must be one of {POLICIES} or a callable(Finding), got {type(on_finding).__name__}")
+    if finite_check not in FINITE_CHECKS:
+        raise ValueError(f"finite_check must be one of {FINITE_CHECKS}, got {finite_check!r}")
     for target in (model, *optimizers):
         if target in _watched:
             raise ValueError(
                 f"this {type(target).__name__} is already watched by a live gradwatch watcher; "
                 "detach() that watcher first (one watcher per model and optimizer)"
             )
-    return Watcher(model, optimizers, accumulation_steps, on_finding)
+    return Watcher(model, optimizers, accumulation_steps, on_finding, finite_check)
 
 
 def _optimizers(optimizer: Optimizers) -> list[torch.optim.Optimizer]:

@@ -37,6 +37,7 @@ def _missing_zero_grad(model, opt, data):
         ({"on_finding": "print"}, ValueError, "on_finding must be one of"),
         ({"on_finding": 3}, TypeError, "on_finding must be one of"),
         ({"logdir": 3}, TypeError, "logdir must be a str or os.PathLike"),
+        ({"finite_check": "never"}, ValueError, "finite_check must be one of"),
     ],
 )
 def test_bad_arguments_fail_fast_with_a_message(kwargs, error, text):

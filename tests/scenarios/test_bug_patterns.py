@@ -165,15 +165,16 @@ def test_unused_layer_is_info():
     w.assert_clean()  # info findings do not fail assert_clean
 
 
+@pytest.mark.parametrize("finite_check", ["step", "backward"])
 @pytest.mark.parametrize("k", [0, 3, 5])
-def test_nan_entering_at_micro_batch_k(k):
+def test_nan_entering_at_micro_batch_k(k, finite_check):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(10, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     micro_batch = {"i": 0}
     # a numerically broken backward of one layer, at micro-batch k only
     model[2].weight.register_hook(lambda g: g * float("nan") if micro_batch["i"] == k else g)
-    with watch(model, opt, accumulation_steps=ACC) as w:
+    with watch(model, opt, accumulation_steps=ACC, finite_check=finite_check) as w:
         opt.zero_grad()
         for i, (x, y) in enumerate(reference_data()):
             micro_batch["i"] = i
@@ -182,7 +183,13 @@ def test_nan_entering_at_micro_batch_k(k):
                 opt.step()
                 opt.zero_grad()
     f = next(f for f in w.findings if f.kind == "non-finite-gradient")
-    assert (f.params, f.step, f.backward) == (("2.weight",), k // ACC, k)
+    window_start = k - k % ACC
+    if finite_check == "backward":  # exact: the micro-batch that produced it
+        assert (f.params, f.step, f.backward) == (("2.weight",), k // ACC, k)
+        assert f"backward pass {k} put NaN" in f.message
+    else:  # once per step: the window that holds it
+        assert (f.params, f.step, f.backward) == (("2.weight",), k // ACC, window_start)
+        assert f"backward passes {window_start}-{window_start + 1} (one of them) put NaN" in f.message
 
 
 def test_gan_whose_generator_is_never_zeroed():
@@ -262,7 +269,7 @@ def test_skipping_step_and_zero_grad_on_a_nan_batch_keeps_accumulating():
                 opt.step()
                 opt.zero_grad()
     nan = next(f for f in w.findings if f.kind == "non-finite-gradient")
-    assert (nan.params, nan.step, nan.backward) == (("weight", "bias"), 1, 3)
+    assert (nan.params, nan.step, nan.backward) == (("weight", "bias"), 1, 2)  # the window of backward 2 to 5
     mismatch = the(w, "accumulation-mismatch")
     assert (mismatch.step, mismatch.backward) == (1, 6)
     assert "consumed 4 backward pass(es)" in mismatch.message

@@ -189,12 +189,13 @@ def test_frozen_parameters(in_optimizer):
     assert w.findings == []
 
 
-def test_grad_scaler_skipped_step():
+@pytest.mark.parametrize("finite_check", ["step", "backward"])
+def test_grad_scaler_skipped_step(finite_check):
     model, opt = reference_model()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     data = reference_data()
     data[3] = (data[3][0] * 1e30, data[3][1])  # overflows once scaled: the scaler skips that step
-    with watch(model, opt, accumulation_steps=ACC) as w:
+    with watch(model, opt, accumulation_steps=ACC, finite_check=finite_check) as w:
         opt.zero_grad()
         for i, (x, y) in enumerate(data):
             scaler.scale(mse(model, x, y, ACC)).backward()
@@ -207,11 +208,13 @@ def test_grad_scaler_skipped_step():
     _assert_clean(w)
 
 
-def test_nan_batch_skipped_by_clearing():
+@pytest.mark.parametrize("finite_check", ["step", "backward"])
+@pytest.mark.parametrize("clear", ["optimizer", "model"])
+def test_nan_batch_skipped_by_clearing(finite_check, clear):
     model, opt = reference_model()
     data = reference_data()
     data[3] = (torch.full_like(data[3][0], float("nan")), data[3][1])
-    with watch(model, opt, accumulation_steps=ACC) as w:
+    with watch(model, opt, accumulation_steps=ACC, finite_check=finite_check) as w:
         opt.zero_grad()
         for i, (x, y) in enumerate(data):
             loss = mse(model, x, y, ACC)
@@ -219,7 +222,7 @@ def test_nan_batch_skipped_by_clearing():
             if (i + 1) % ACC == 0:
                 if all(torch.isfinite(p.grad).all() for p in model.parameters()):
                     opt.step()
-                opt.zero_grad()  # a bad window is dropped on purpose
+                (opt if clear == "optimizer" else model).zero_grad()  # a bad window is dropped on purpose
     _assert_clean(w)
 
 
