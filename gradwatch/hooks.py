@@ -95,17 +95,6 @@ class BackwardGrouper:
             self._close()
 
 
-class _AccumulateHook:
-    __slots__ = ("grouper", "index")
-
-    def __init__(self, index: int, grouper: BackwardGrouper) -> None:
-        self.index = index
-        self.grouper = grouper
-
-    def __call__(self, param: torch.Tensor) -> None:
-        self.grouper.record(self.index, param)
-
-
 class _StepHook:
     __slots__ = ("grouper", "opt_index", "post", "receiver")
 
@@ -199,7 +188,7 @@ class HookSet:
         self.active = True
         try:
             for index, param in params:
-                hook = _AccumulateHook(index, self.grouper)
+                hook = functools.partial(self.grouper.record, index)  # captures no tensor: see module doc
                 self._handles.append(param.register_post_accumulate_grad_hook(hook))
             for opt_index, optimizer in enumerate(optimizers):
                 self._handles.append(
