@@ -38,7 +38,7 @@ def _guard(receiver: Receiver, where: str, call: Callable[..., None], *args: Any
     """Run a receiver call; only GradientBugError (on_finding="raise") may reach the training loop."""
     try:
         call(*args)
-    except GradientBugError:
+    except (GradientBugError, Warning):  # on_finding="raise", or the user turned warnings into errors
         raise
     except Exception as error:  # a debugging tool must never break training
         receiver.internal_error(error, where)
