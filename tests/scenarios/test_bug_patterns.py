@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import kinds, mse, reference_data, reference_model, the, watch
+from helpers import kinds, mse, reference_data, reference_loop, reference_model, the, watch
 
 import gradwatch
 
@@ -128,12 +128,7 @@ def test_layer_missing_from_the_optimizer():
     model = torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
     opt = torch.optim.SGD(model[0].parameters(), lr=0.01)  # the head was forgotten
     with watch(model, opt, accumulation_steps=ACC) as w:
-        opt.zero_grad()
-        for i, (x, y) in enumerate(reference_data()):
-            mse(model, x, y, ACC).backward()
-            if (i + 1) % ACC == 0:
-                opt.step()
-                opt.zero_grad()
+        reference_loop(model, opt, reference_data())
     f = the(w, "orphan-gradient")
     assert kinds(w) == {"orphan-gradient"}
     assert (f.params, f.step, f.backward, f.count) == (("2.weight", "2.bias"), 0, 0, 8)
@@ -153,12 +148,7 @@ def test_unused_layer_is_info():
     model = WithUnusedHead()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with watch(model, opt, accumulation_steps=ACC) as w:
-        opt.zero_grad()
-        for i, (x, y) in enumerate(reference_data()):
-            mse(model, x, y, ACC).backward()
-            if (i + 1) % ACC == 0:
-                opt.step()
-                opt.zero_grad()
+        reference_loop(model, opt, reference_data())
     f = the(w, "unused-parameter")
     assert kinds(w) == {"unused-parameter"}
     assert (f.severity, f.params, f.step) == ("info", ("unused.weight", "unused.bias"), 4)

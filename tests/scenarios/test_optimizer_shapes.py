@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import bugs, kinds, mse, reference_data, reference_model, watch
+from helpers import bugs, kinds, mse, reference_data, reference_loop, reference_model, watch
 
 ACC = 2
 
@@ -53,12 +53,7 @@ def test_optimizer_subclass_calling_super_step_counts_one_step():
     model, _ = reference_model()
     opt = LoggingSGD(model.parameters(), lr=0.01)
     with watch(model, opt, accumulation_steps=ACC) as w:
-        opt.zero_grad()
-        for i, (x, y) in enumerate(reference_data()):
-            mse(model, x, y, ACC).backward()
-            if (i + 1) % ACC == 0:
-                opt.step()
-                opt.zero_grad()
+        reference_loop(model, opt, reference_data())
     assert w.findings == []
     assert w._tracker.ledger.steps == [4]
 
