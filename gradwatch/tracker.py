@@ -17,6 +17,7 @@ from .ledger import NO_OWNER, Ledger, Occurrence
 from .stats import FiniteChecks, nonfinite_positions, read_flags, zero_flags
 
 Emit = Callable[[list[Occurrence]], None]
+SET_TO_NONE = ".grad set to None (or replaced)"
 
 
 class Tracker:
@@ -55,16 +56,16 @@ class Tracker:
         suspects = [i for i, c in enumerate(ledger.consumed) if c and not ledger.fresh[i]]
         cleared, live, grads = [], [], []
         for i in suspects:
-            p = self._params[i]()
-            grad = None if p is None else p.grad
             if i == index:
                 continue
+            p = self._params[i]()
+            grad = None if p is None else p.grad
             if grad is None or not self._same_grad(i, grad):
                 cleared.append(i)
             else:
                 live.append(i)
                 grads.append(grad)
-        out = ledger.clear(cleared, "setting .grad to None") if cleared else []
+        out = ledger.clear(cleared, SET_TO_NONE) if cleared else []
         if live:
             groups = zero_flags(grads)
             for positions, zeros in groups:
@@ -93,7 +94,7 @@ class Tracker:
                 continue  # same tensor, untouched: the hook fired for an undefined gradient
             self._grad_versions[i] = grad._version
             contributed.append(i)
-        out = ledger.clear(cleared, "setting .grad to None") if cleared else []
+        out = ledger.clear(cleared, SET_TO_NONE) if cleared else []
         backward = ledger.backwards
         out += ledger.backward(contributed)
         for i in contributed:
@@ -209,7 +210,7 @@ class Tracker:
             for i, p in params
             if (ledger.fresh[i] or ledger.consumed[i]) and (p.grad is None or not self._same_grad(i, p.grad))
         ]
-        return ledger.clear(cleared, "setting .grad to None") if cleared else []
+        return ledger.clear(cleared, SET_TO_NONE) if cleared else []
 
     def _read_finite_checks(self) -> None:
         owners = self.ledger.owners
