@@ -43,6 +43,7 @@ class Tracker:
         self._zeroed: dict[int, tuple[torch.Tensor, int | None]] = {}  # device evidence per suspected param
         self._finite = FiniteChecks()  # used when finite_check == "backward"
         self._check_every_backward = finite_check == "backward"
+        self._skipped_steps: set[int] = set()  # optimizers inside a step that GradScaler told to skip
         self._emit = emit
         self._on_internal_error = on_internal_error
         self.stopped = False
@@ -111,13 +112,21 @@ class Tracker:
         """Before the step (and its closure): notice gradients set to None since we last saw them."""
         if self.stopped:
             return
-        out = self._notice_set_to_none(self._params_of(opt_index, optimizer))
+        params = list(self._params_of(opt_index, optimizer))
+        if _skipped_by_grad_scaler(optimizer):
+            self._skipped_steps.add(opt_index)
+            self._check_finite([(i, p) for i, p in params if self.ledger.fresh[i]])  # lets the clear drop them
+            return
+        out = self._notice_set_to_none(params)
         self.ledger.step_begin(opt_index)
         self._emit(out)
 
     def on_step_post(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
         """The step consumed its parameters' gradients."""
         if self.stopped:
+            return
+        if opt_index in self._skipped_steps:
+            self._skipped_steps.discard(opt_index)
             return
         ledger = self.ledger
         params = list(self._params_of(opt_index, optimizer))
@@ -236,3 +245,13 @@ class Tracker:
         for i, p in zip(indices, params, strict=True):
             if i != NO_OWNER and self.ledger.owners[i] == opt_index:
                 yield i, p
+
+
+def _skipped_by_grad_scaler(optimizer: torch.optim.Optimizer) -> bool:
+    """A fused optimizer stepped by ``GradScaler`` on inf/NaN: the hooks fire but the kernel skips the update.
+
+    The scaler sets ``optimizer.found_inf`` for the duration of such a step (non-fused optimizers are not
+    stepped at all). Reading it is one sync, only on that AMP path.
+    """
+    found_inf = getattr(optimizer, "found_inf", None)
+    return isinstance(found_inf, torch.Tensor) and bool(found_inf.item())

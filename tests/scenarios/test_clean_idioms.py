@@ -189,9 +189,11 @@ def test_frozen_parameters(in_optimizer):
     assert w.findings == []
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["stepped-by-scaler", "fused-skips-in-kernel"])
 @pytest.mark.parametrize("finite_check", ["step", "backward"])
-def test_grad_scaler_skipped_step(finite_check):
-    model, opt = reference_model()
+def test_grad_scaler_skipped_step(finite_check, fused):
+    model, _ = reference_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     data = reference_data()
     data[3] = (data[3][0] * 1e30, data[3][1])  # overflows once scaled: the scaler skips that step
