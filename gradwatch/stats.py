@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -65,6 +66,21 @@ class FiniteChecks:
         return found
 
 
+def _to_host_values(scalars: list[torch.Tensor]) -> list[float]:
+    """Read scalar device tensors: one transfer per device."""
+    if len(scalars) == 1:
+        return [scalars[0].item()]
+    by_device: dict[torch.device, list[int]] = {}
+    for pos, t in enumerate(scalars):
+        by_device.setdefault(t.device, []).append(pos)
+    values = [0.0] * len(scalars)
+    for positions in by_device.values():
+        stacked = torch.stack([scalars[p].float() for p in positions]).tolist()
+        for pos, value in zip(positions, stacked, strict=True):
+            values[pos] = value
+    return values
+
+
 def _to_host(flags: list[torch.Tensor]) -> list[bool]:
     """Read scalar device flags, in order, with one transfer per device."""
     by_device: dict[torch.device, list[int]] = {}
@@ -78,9 +94,13 @@ def _to_host(flags: list[torch.Tensor]) -> list[bool]:
 
 
 def nonfinite_positions(tensors: Sequence[torch.Tensor]) -> list[int]:
-    """Positions of the tensors holding NaN or Inf: one batched pass, one read (more only if some are bad)."""
+    """Positions of the tensors holding NaN or Inf: one batched pass, one read (more only if some are bad).
+
+    The sum of the norms is finite exactly when every norm is (an overflowing sum only costs the detailed look).
+    """
     groups = norms_by_group(tensors)
-    if not groups or all(_to_host([torch.isfinite(norms).all() for _, norms in groups])):
+    totals = [norms.sum() for _, norms in groups]
+    if not totals or all(math.isfinite(t) for t in _to_host_values(totals)):
         return []
     bad = []
     for positions, norms in groups:

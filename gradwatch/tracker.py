@@ -9,7 +9,7 @@ is computed on the device when a backward pass starts and read only if a step is
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -37,7 +37,7 @@ class Tracker:
         self.ledger = Ledger(owners, len(optimizers), accumulation_steps)
         self._params = [weakref.ref(p) for p in params]
         self._index = {id(p): i for i, p in enumerate(params)}
-        self._opt_layout: list[tuple[int, list[int]]] = [self._layout(opt) for opt in optimizers]
+        self._opt_layout: list[tuple[int, list[int]]] = [(-1, [])] * len(optimizers)  # filled on first use
         self._grad_refs: list[weakref.ref[torch.Tensor] | None] = [None] * n
         self._grad_versions = [0] * n
         self._zeroed: dict[int, tuple[torch.Tensor, int | None]] = {}  # device evidence per suspected param
@@ -98,9 +98,10 @@ class Tracker:
         out = ledger.clear(cleared, SET_TO_NONE) if cleared else []
         backward = ledger.backwards
         out += ledger.backward(contributed)
-        for i in contributed:
-            if ledger.mixed_at[i] is None:
-                self._zeroed.pop(i, None)
+        if self._zeroed:
+            for i in contributed:
+                if ledger.mixed_at[i] is None:
+                    self._zeroed.pop(i, None)
         owned = [i for i in contributed if ledger.owners[i] != NO_OWNER] if self._check_every_backward else []
         if owned:
             self._finite.add(backward, tuple(ledger.steps), owned, [grads[i] for i in owned])  # type: ignore[misc]
@@ -112,7 +113,7 @@ class Tracker:
         """Before the step (and its closure): notice gradients set to None since we last saw them."""
         if self.stopped:
             return
-        params = list(self._params_of(opt_index, optimizer))
+        params = self._params_of(opt_index, optimizer)
         if _skipped_by_grad_scaler(optimizer):
             self._skipped_steps.add(opt_index)
             self._check_finite([(i, p) for i, p in params if self.ledger.fresh[i]])  # lets the clear drop them
@@ -129,7 +130,7 @@ class Tracker:
             self._skipped_steps.discard(opt_index)
             return
         ledger = self.ledger
-        params = list(self._params_of(opt_index, optimizer))
+        params = self._params_of(opt_index, optimizer)
         indices = [i for i, _ in params]
         mixed = [i for i in indices if ledger.mixed_at[i] is not None and i in self._zeroed]
         if mixed:
@@ -142,7 +143,7 @@ class Tracker:
 
     def before_optimizer_clear(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
         """``optimizer.zero_grad()`` is about to run."""
-        self._before_clear(list(self._params_of(opt_index, optimizer)))
+        self._before_clear(self._params_of(opt_index, optimizer))
 
     def on_optimizer_cleared(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
         """``optimizer.zero_grad()`` ran."""
@@ -230,21 +231,25 @@ class Tracker:
         ref = self._grad_refs[i]
         return grad.grad_fn is not None or (ref is not None and ref() is grad)
 
-    def _layout(self, optimizer: torch.optim.Optimizer) -> tuple[int, list[int]]:
+    def _layout(self, opt_index: int, optimizer: torch.optim.Optimizer) -> tuple[int, list[int]]:
+        """(parameter count, index of each parameter the optimizer books or NO_OWNER), in its own order."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        owners = self.ledger.owners
         indices = [self._index.get(id(p), NO_OWNER) for p in params]
+        indices = [i if i != NO_OWNER and owners[i] == opt_index else NO_OWNER for i in indices]
         return len(params), indices
 
-    def _params_of(self, opt_index: int, optimizer: torch.optim.Optimizer) -> Iterator[tuple[int, torch.Tensor]]:
-        """(index, parameter) of the watched parameters the optimizer holds, in its own order."""
+    def _params_of(self, opt_index: int, optimizer: torch.optim.Optimizer) -> list[tuple[int, torch.Tensor]]:
+        """(index, parameter) of the watched parameters the optimizer books, in its own order.
+
+        Parameters are read from the optimizer each time: holding them here would keep the model alive.
+        """
+        groups = optimizer.param_groups
         size, indices = self._opt_layout[opt_index]
-        if sum(len(group["params"]) for group in optimizer.param_groups) != size:
-            self._opt_layout[opt_index] = size_indices = self._layout(optimizer)
-            indices = size_indices[1]
-        params = (p for group in optimizer.param_groups for p in group["params"])
-        for i, p in zip(indices, params, strict=True):
-            if i != NO_OWNER and self.ledger.owners[i] == opt_index:
-                yield i, p
+        if sum(len(group["params"]) for group in groups) != size:
+            size, indices = self._opt_layout[opt_index] = self._layout(opt_index, optimizer)
+        params = groups[0]["params"] if len(groups) == 1 else [p for group in groups for p in group["params"]]
+        return [(i, p) for i, p in zip(indices, params, strict=True) if i != NO_OWNER]
 
 
 def _skipped_by_grad_scaler(optimizer: torch.optim.Optimizer) -> bool:
