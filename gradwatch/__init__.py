@@ -2,7 +2,8 @@
 parameters, NaN gradients) in PyTorch training loops, at the call where they happen."""
 
 from .findings import KINDS, Finding, GradientBugError, GradientWarning
+from .traces import Trace, load_trace
 from .watcher import Watcher, watch
 
-__all__ = ["KINDS", "Finding", "GradientBugError", "GradientWarning", "Watcher", "watch"]
+__all__ = ["KINDS", "Finding", "GradientBugError", "GradientWarning", "Trace", "Watcher", "load_trace", "watch"]
 __version__ = "0.1.0"

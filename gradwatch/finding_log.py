@@ -35,8 +35,11 @@ def warn(message: str) -> None:
 class FindingLog:
     """Each distinct problem (kind, parameters) once, with a count; new ones go through the policy."""
 
-    def __init__(self, names: Sequence[str], on_finding: OnFinding) -> None:
+    def __init__(
+        self, names: Sequence[str], on_finding: OnFinding, on_new: Callable[[Finding], None] | None = None
+    ) -> None:
         self._names = list(names)
+        self._on_new = on_new
         self._on_finding = on_finding
         self.findings: list[Finding] = []
         self._position: dict[tuple[str, tuple[int, ...]], int] = {}
@@ -63,6 +66,8 @@ class FindingLog:
             self._first_of_kind.setdefault(occ.kind, len(self.findings))
             self.findings.append(finding)
             new.append(finding)
+            if self._on_new is not None:
+                self._on_new(finding)
         if new:
             self._dispatch(new)
 

@@ -109,6 +109,16 @@ def nonfinite_positions(tensors: Sequence[torch.Tensor]) -> list[int]:
     return bad
 
 
+def host_norms(tensors: Sequence[torch.Tensor | None]) -> list[float]:
+    """2-norm of each tensor (0.0 for None or sparse), batched per group and read back in one transfer per group."""
+    present = [(pos, t) for pos, t in enumerate(tensors) if t is not None]
+    values = [0.0] * len(tensors)
+    for positions, norms in norms_by_group([t for _, t in present]):
+        for at, value in zip(positions, norms.float().tolist(), strict=True):
+            values[present[at][0]] = value
+    return values
+
+
 def zero_flags(grads: Sequence[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
     """(positions, bool tensor 'this gradient is all zeros') per group, kept on the device."""
     return [(positions, norms == 0) for positions, norms in norms_by_group(grads)]

@@ -8,13 +8,15 @@ is computed on the device when a backward pass starts and read only if a step is
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Callable, Iterable, Sequence
 
 import torch
 
 from .ledger import NO_OWNER, Ledger, Occurrence
-from .stats import FiniteChecks, nonfinite_positions, read_flags, zero_flags
+from .sinks import Sinks, StepRecord
+from .stats import FiniteChecks, host_norms, nonfinite_positions, read_flags, zero_flags
 
 Emit = Callable[[list[Occurrence]], None]
 SET_TO_NONE = ".grad set to None (or replaced)"
@@ -32,6 +34,7 @@ class Tracker:
         emit: Emit,
         on_internal_error: Callable[[BaseException, str], None],
         finite_check: str = "step",
+        sinks: Sinks | None = None,
     ) -> None:
         n = len(params)
         self.ledger = Ledger(owners, len(optimizers), accumulation_steps)
@@ -45,6 +48,7 @@ class Tracker:
         self._check_every_backward = finite_check == "backward"
         self._skipped_steps: set[int] = set()  # optimizers inside a step that GradScaler told to skip
         self._emit = emit
+        self._sinks = sinks if sinks else None
         self._on_internal_error = on_internal_error
         self.stopped = False
 
@@ -66,7 +70,7 @@ class Tracker:
             else:
                 live.append(i)
                 grads.append(grad)
-        out = ledger.clear(cleared, SET_TO_NONE) if cleared else []
+        out = self._clear(cleared, SET_TO_NONE) if cleared else []
         if live:
             groups = zero_flags(grads)
             for positions, zeros in groups:
@@ -95,9 +99,11 @@ class Tracker:
                 continue  # same tensor, untouched: the hook fired for an undefined gradient
             self._grad_versions[i] = grad._version
             contributed.append(i)
-        out = ledger.clear(cleared, SET_TO_NONE) if cleared else []
+        out = self._clear(cleared, SET_TO_NONE) if cleared else []
         backward = ledger.backwards
         out += ledger.backward(contributed)
+        if self._sinks is not None:
+            self._sinks.call("backward", backward, contributed)
         if self._zeroed:
             for i in contributed:
                 if ledger.mixed_at[i] is None:
@@ -138,8 +144,18 @@ class Tracker:
             ledger.clear_consumed([i for i, z in zip(mixed, zeroed, strict=True) if z])
         for i in mixed:
             del self._zeroed[i]
-        self._check_finite([(i, p) for i, p in params if ledger.fresh[i]])
-        self._emit(ledger.step_end(opt_index, indices))
+        consumed = [(i, p) for i, p in params if ledger.fresh[i]]
+        if self._sinks is None:
+            self._check_finite(consumed)
+            self._emit(ledger.step_end(opt_index, indices))
+            return
+        norms = self._check_finite(consumed, with_norms=self._sinks.wants_norms())
+        step, window = ledger.steps[opt_index], max((ledger.fresh[i] for i, _ in consumed), default=0)
+        out = ledger.step_end(opt_index, indices)
+        consumed_indices = tuple(i for i, _ in consumed)
+        record = StepRecord(opt_index, step, ledger.backwards, window, consumed_indices, tuple(norms))
+        self._sinks.call("step", record)
+        self._emit(out)
 
     def before_optimizer_clear(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
         """``optimizer.zero_grad()`` is about to run."""
@@ -177,6 +193,11 @@ class Tracker:
         trainable = [p is not None and p.requires_grad for p in params]
         self._emit(out + self.ledger.finish(trainable))
 
+    def finish_sinks(self, findings: list) -> None:
+        """Close the sinks with the final findings (also after an internal error)."""
+        if self._sinks is not None:
+            self._sinks.call("finished", findings, self.ledger.backwards, list(self.ledger.steps))
+
     # -- helpers -----------------------------------------------------------------------------------
     def _before_clear(self, params: list[tuple[int, torch.Tensor]]) -> None:
         """A clear may drop unconsumed gradients: a window holding NaN/Inf may be dropped on purpose."""
@@ -188,7 +209,14 @@ class Tracker:
             return
         for i in indices:
             self._zeroed.pop(i, None)
-        self._emit(self.ledger.clear(indices, source))
+        self._emit(self._clear(indices, source))
+
+    def _clear(self, indices: list[int], source: str) -> list[Occurrence]:
+        out = self.ledger.clear(indices, source)
+        if self._sinks is not None:
+            discarded = sum(len(o.params) for o in out)
+            self._sinks.call("cleared", self.ledger.backwards, source, len(indices), discarded)
+        return out
 
     def _watched_params_of(self, module: torch.nn.Module) -> list[tuple[int, torch.Tensor]]:
         params = []
@@ -198,18 +226,28 @@ class Tracker:
                 params.append((i, p))
         return params
 
-    def _check_finite(self, params: list[tuple[int, torch.Tensor]]) -> None:
-        """Mark the fresh gradients holding NaN/Inf: queued per-backward checks, or one batched check now."""
-        if self._check_every_backward:
-            if len(self._finite):
-                self._read_finite_checks()
-            return
-        params = [(i, p) for i, p in params if p.grad is not None]
-        if not params:
-            return
+    def _check_finite(self, params: list[tuple[int, torch.Tensor]], with_norms: bool = False) -> list[float]:
+        """Mark the fresh gradients holding NaN/Inf: queued per-backward checks, or one batched check now.
+
+        With ``with_norms`` the gradient norms (0.0 for a missing gradient) are read back and returned.
+        """
+        if self._check_every_backward and len(self._finite):
+            self._read_finite_checks()
+        if with_norms:
+            grads = [p.grad for _, p in params]
+            norms = host_norms(grads)
+            if not self._check_every_backward:
+                self._mark_nonfinite([i for (i, _), n in zip(params, norms, strict=True) if not math.isfinite(n)])
+            return norms
+        if not self._check_every_backward:
+            present = [(i, p.grad) for i, p in params if p.grad is not None]
+            bad = nonfinite_positions([g for _, g in present])  # type: ignore[misc]
+            self._mark_nonfinite([present[pos][0] for pos in bad])
+        return []
+
+    def _mark_nonfinite(self, indices: list[int]) -> None:
         ledger = self.ledger
-        for pos in nonfinite_positions([p.grad for _, p in params]):  # type: ignore[misc]
-            i = params[pos][0]
+        for i in indices:
             ledger.mark_nonfinite(i, ledger.steps[ledger.owners[i]], *ledger.window_of(i))
 
     def _notice_set_to_none(self, params: Iterable[tuple[int, torch.Tensor]]) -> list[Occurrence]:
@@ -220,7 +258,7 @@ class Tracker:
             for i, p in params
             if (ledger.fresh[i] or ledger.consumed[i]) and (p.grad is None or not self._same_grad(i, p.grad))
         ]
-        return ledger.clear(cleared, SET_TO_NONE) if cleared else []
+        return self._clear(cleared, SET_TO_NONE) if cleared else []
 
     def _read_finite_checks(self) -> None:
         owners = self.ledger.owners

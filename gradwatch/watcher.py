@@ -16,6 +16,9 @@ from .findings import KINDS, Finding, GradientBugError, GradientWarning
 from .hooks import HookSet
 from .ledger import NO_OWNER
 from .report import render_report
+from .sinks import RunInfo, Sink, Sinks
+from .sinks.trace import TraceSink
+from .traces import TRACE_NAME
 from .tracker import Tracker
 
 Optimizers = Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer]]
@@ -34,15 +37,30 @@ class Watcher:
         accumulation_steps: int | None,
         on_finding: OnFinding,
         finite_check: str = "step",
+        sinks: Sequence[Sink] = (),
     ) -> None:
         params, names, owners = _collect(model, optimizers)
-        self._log = FindingLog(names, on_finding)
+        self._sinks = Sinks(sinks, warn)
+        self._log = FindingLog(names, on_finding, self._finding_to_sinks if sinks else None)
         self._on_finding = on_finding
         self._internal_error: str | None = None
         self._n_params = len(params)
         self._tracker = Tracker(
-            params, owners, optimizers, accumulation_steps, self._log.record, self._report_error, finite_check
+            params,
+            owners,
+            optimizers,
+            accumulation_steps,
+            emit=self._log.record,
+            on_internal_error=self._report_error,
+            finite_check=finite_check,
+            sinks=self._sinks,
         )
+        if sinks:
+            layout = tuple(
+                (type(opt).__name__, tuple(i for i, owner in enumerate(owners) if owner == o))
+                for o, opt in enumerate(optimizers)
+            )
+            self._sinks.call("started", RunInfo(tuple(names), layout, accumulation_steps))
         self._hooks = HookSet(self._tracker)
         self._targets = [weakref.ref(model), *(weakref.ref(o) for o in optimizers)]
         self._hooks.install(((i, p) for i, p in enumerate(params) if p.requires_grad), optimizers)
@@ -90,6 +108,7 @@ class Watcher:
             self._tracker.finish()
         finally:
             self._hooks.remove()
+            self._tracker.finish_sinks(self.findings)
             for ref in self._targets:
                 target = ref()
                 if target is not None:
@@ -111,6 +130,10 @@ class Watcher:
         state = "attached" if self._attached else "detached"
         return f"<gradwatch.Watcher {state}: {self._n_params} parameters, {len(self._log.findings)} findings>"
 
+    def _finding_to_sinks(self, finding: Finding) -> None:
+        ledger = self._tracker.ledger
+        self._sinks.call("finding", finding, max(ledger.steps, default=0))
+
     def _report_error(self, error: BaseException, where: str) -> None:
         self._internal_error = f"internal error in {where}: {error!r}"
         warn(
@@ -127,12 +150,14 @@ def watch(
     on_finding: OnFinding = "warn",
     *,
     finite_check: str = "step",
+    trace: str | os.PathLike[str] | None = None,
 ) -> Watcher:
     """Watch ``model``'s gradients from ``backward()`` through ``optimizer.step()`` to ``zero_grad()``.
 
     ``accumulation_steps`` is the number of backward passes each step should consume (None: not checked).
     ``on_finding`` is "warn", "raise", "record" or a callable taking a ``Finding``.
-    ``logdir`` is accepted but TensorBoard streaming is not implemented yet (a GradientWarning says so).
+    ``logdir`` is accepted but TensorBoard streaming is not implemented yet (a GradientWarning says so); the
+    trace file goes there by default. ``trace`` is the path of the JSON-lines trace (``load_trace`` reads it).
     ``finite_check`` is when gradients are checked for NaN/Inf: "step" (once per optimizer step; the finding
     names the window of backward passes) or "backward" (after every backward pass: names the exact one, at
     the cost of one batched norm per backward pass).
@@ -161,13 +186,23 @@ def watch(
         raise TypeError(f"on_finding must be one of {POLICIES} or a callable(Finding), got {type(on_finding).__name__}")
     if finite_check not in FINITE_CHECKS:
         raise ValueError(f"finite_check must be one of {FINITE_CHECKS}, got {finite_check!r}")
+    if trace is not None and not isinstance(trace, (str, os.PathLike)):
+        raise TypeError(f"trace must be a str or os.PathLike path, got {type(trace).__name__}")
     for target in (model, *optimizers):
         if target in _watched:
             raise ValueError(
                 f"this {type(target).__name__} is already watched by a live gradwatch watcher; "
                 "detach() that watcher first (one watcher per model and optimizer)"
             )
-    return Watcher(model, optimizers, accumulation_steps, on_finding, finite_check)
+    sinks: list[Sink] = []
+    if trace is None and logdir is not None:
+        trace = os.path.join(os.fspath(logdir), TRACE_NAME)
+    if trace is not None:
+        try:
+            sinks.append(TraceSink(trace))
+        except OSError as error:
+            raise ValueError(f"cannot write the gradwatch trace at {os.fspath(trace)!r}: {error}") from None
+    return Watcher(model, optimizers, accumulation_steps, on_finding, finite_check, sinks)
 
 
 def _optimizers(optimizer: Optimizers) -> list[torch.optim.Optimizer]:

@@ -1,0 +1,71 @@
+"""Where the lifecycle goes besides the findings: the trace file, TensorBoard. Each sink is optional."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+from ..findings import Finding
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What was watched: parameter names and, per optimizer, its type and parameter indices."""
+
+    params: tuple[str, ...]
+    optimizers: tuple[tuple[str, tuple[int, ...]], ...]
+    accumulation_steps: int | None
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One optimizer step: the backward passes it consumed and the norms of the gradients it consumed."""
+
+    optimizer: int
+    step: int
+    backward: int
+    window: int
+    params: tuple[int, ...]
+    grad_norms: tuple[float, ...] = ()
+    update_ratios: dict[int, float] = field(default_factory=dict)
+
+
+class Sink(Protocol):
+    """Receives the lifecycle, already computed; must not touch tensors."""
+
+    def started(self, info: RunInfo) -> None: ...
+    def backward(self, backward: int, params: Sequence[int]) -> None: ...
+    def step(self, record: StepRecord) -> None: ...
+    def cleared(self, backward: int, source: str, params: int, discarded: int) -> None: ...
+    def finding(self, finding: Finding, step: int) -> None: ...
+    def finished(self, findings: Sequence[Finding], backwards: int, steps: Sequence[int]) -> None: ...
+
+
+class Sinks:
+    """Fan-out to the sinks; a sink that fails is reported once and dropped, training goes on."""
+
+    def __init__(self, sinks: Sequence[Sink], report_failure: Callable[[str], None]) -> None:
+        self._sinks = list(sinks)
+        self._report_failure = report_failure
+
+    def __bool__(self) -> bool:
+        return bool(self._sinks)
+
+    def wants_norms(self) -> bool:
+        return any(getattr(s, "wants_norms", False) for s in self._sinks)
+
+    def update_ratio_due(self, step: int) -> bool:
+        return any(getattr(s, "update_ratio_due", lambda _: False)(step) for s in self._sinks)
+
+    def call(self, method: str, *args: object) -> None:
+        for sink in list(self._sinks):
+            try:
+                getattr(sink, method)(*args)
+            except Exception as error:  # a full disk must not stop the training
+                self._sinks.remove(sink)
+                self._report_failure(f"gradwatch: the {type(sink).__name__} failed ({error!r}) and was turned off")
+                close = getattr(sink, "abandon", None)
+                if close is not None:
+                    with contextlib.suppress(Exception):  # already reported
+                        close()

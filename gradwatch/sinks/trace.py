@@ -1,0 +1,92 @@
+"""The trace file: one JSON object per line per lifecycle event, flushed as it happens."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import IO, Sequence
+
+from ..findings import Finding
+from . import RunInfo, StepRecord
+
+SCHEMA_VERSION = 1
+
+
+class TraceSink:
+    """Writes the JSON-lines trace (schema in the README); a crash leaves every line written so far."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        directory = os.path.dirname(self.path) or "."
+        os.makedirs(directory, exist_ok=True)
+        self._file: IO[str] | None = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - lives with the watch
+
+    def _write(self, record: dict) -> None:
+        assert self._file is not None
+        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._file.flush()
+
+    def started(self, info: RunInfo) -> None:
+        optimizers = [{"type": kind, "params": list(params)} for kind, params in info.optimizers]
+        self._write(
+            {
+                "event": "run",
+                "schema": SCHEMA_VERSION,
+                "time": time.time(),
+                "params": list(info.params),
+                "optimizers": optimizers,
+                "accumulation_steps": info.accumulation_steps,
+            }
+        )
+
+    def backward(self, backward: int, params: Sequence[int]) -> None:
+        self._write({"event": "backward", "backward": backward, "params": list(params)})
+
+    def step(self, record: StepRecord) -> None:
+        line = {
+            "event": "step",
+            "optimizer": record.optimizer,
+            "step": record.step,
+            "backward": record.backward,
+            "window": record.window,
+            "params": list(record.params),
+        }
+        if record.grad_norms:
+            line["grad_norms"] = list(record.grad_norms)
+        self._write(line)
+
+    def cleared(self, backward: int, source: str, params: int, discarded: int) -> None:
+        line = {"event": "clear", "backward": backward, "source": source, "params": params, "discarded": discarded}
+        self._write(line)
+
+    def finding(self, finding: Finding, step: int) -> None:
+        self._write({"event": "finding", **_finding_fields(finding)})
+
+    def finished(self, findings: Sequence[Finding], backwards: int, steps: Sequence[int]) -> None:
+        self._write(
+            {
+                "event": "end",
+                "backwards": backwards,
+                "steps": list(steps),
+                "findings": [_finding_fields(f) for f in findings],
+            }
+        )
+        self.abandon()
+
+    def abandon(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _finding_fields(f: Finding) -> dict:
+    return {
+        "kind": f.kind,
+        "severity": f.severity,
+        "step": f.step,
+        "backward": f.backward,
+        "params": list(f.params),
+        "message": f.message,
+        "count": f.count,
+    }
