@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 import weakref
 from types import TracebackType
 from typing import Iterable, Sequence, Union
@@ -12,11 +11,12 @@ from typing import Iterable, Sequence, Union
 import torch
 
 from .finding_log import POLICIES, FindingLog, OnFinding, warn
-from .findings import KINDS, Finding, GradientBugError, GradientWarning
+from .findings import KINDS, Finding, GradientBugError
 from .hooks import HookSet
 from .ledger import NO_OWNER
 from .report import render_report
 from .sinks import RunInfo, Sink, Sinks
+from .sinks.tensorboard import TensorBoardSink
 from .sinks.trace import TraceSink
 from .traces import TRACE_NAME
 from .tracker import Tracker
@@ -131,8 +131,7 @@ class Watcher:
         return f"<gradwatch.Watcher {state}: {self._n_params} parameters, {len(self._log.findings)} findings>"
 
     def _finding_to_sinks(self, finding: Finding) -> None:
-        ledger = self._tracker.ledger
-        self._sinks.call("finding", finding, max(ledger.steps, default=0))
+        self._sinks.call("finding", finding)
 
     def _report_error(self, error: BaseException, where: str) -> None:
         self._internal_error = f"internal error in {where}: {error!r}"
@@ -156,8 +155,8 @@ def watch(
 
     ``accumulation_steps`` is the number of backward passes each step should consume (None: not checked).
     ``on_finding`` is "warn", "raise", "record" or a callable taking a ``Finding``.
-    ``logdir`` is accepted but TensorBoard streaming is not implemented yet (a GradientWarning says so); the
-    trace file goes there by default. ``trace`` is the path of the JSON-lines trace (``load_trace`` reads it).
+    ``logdir`` streams the run to TensorBoard event files there, and the trace file goes there too by default.
+    ``trace`` is the path of the JSON-lines trace (``load_trace`` reads it).
     ``finite_check`` is when gradients are checked for NaN/Inf: "step" (once per optimizer step; the finding
     names the window of backward passes) or "backward" (after every backward pass: names the exact one, at
     the cost of one batched norm per backward pass).
@@ -170,15 +169,8 @@ def watch(
             raise TypeError(f"accumulation_steps must be an int >= 1 or None, got {type(accumulation_steps).__name__}")
         if accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be >= 1 (backward passes per step), got {accumulation_steps}")
-    if logdir is not None:
-        if not isinstance(logdir, (str, os.PathLike)):
-            raise TypeError(f"logdir must be a str or os.PathLike, got {type(logdir).__name__}")
-        warnings.warn(
-            "gradwatch: logdir is accepted but TensorBoard streaming is not implemented yet; nothing is written "
-            "there. Findings are still reported through on_finding and Watcher.report().",
-            GradientWarning,
-            stacklevel=2,
-        )
+    if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
+        raise TypeError(f"logdir must be a str or os.PathLike, got {type(logdir).__name__}")
     if isinstance(on_finding, str):
         if on_finding not in POLICIES:
             raise ValueError(f"on_finding must be one of {POLICIES} or a callable(Finding), got {on_finding!r}")
@@ -195,13 +187,18 @@ def watch(
                 "detach() that watcher first (one watcher per model and optimizer)"
             )
     sinks: list[Sink] = []
-    if trace is None and logdir is not None:
-        trace = os.path.join(os.fspath(logdir), TRACE_NAME)
-    if trace is not None:
-        try:
+    try:
+        if trace is None and logdir is not None:
+            trace = os.path.join(os.fspath(logdir), TRACE_NAME)
+        if trace is not None:
             sinks.append(TraceSink(trace))
-        except OSError as error:
-            raise ValueError(f"cannot write the gradwatch trace at {os.fspath(trace)!r}: {error}") from None
+        if logdir is not None:
+            sinks.append(TensorBoardSink(logdir))
+    except OSError as error:
+        for sink in sinks:
+            sink.abandon()
+        where = os.fspath(logdir if logdir is not None else trace)  # type: ignore[arg-type]
+        raise ValueError(f"cannot write gradwatch's logs at {where!r}: {error}") from None
     return Watcher(model, optimizers, accumulation_steps, on_finding, finite_check, sinks)
 
 

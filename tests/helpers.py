@@ -54,3 +54,29 @@ def the(w: Watcher, kind: str) -> Finding:
 
 def mse(model, inputs, labels, scale: float = 1.0) -> torch.Tensor:
     return torch.nn.functional.mse_loss(model(inputs), labels) / scale
+
+
+def gan():
+    """A tiny GAN container (generator 'g', discriminator 'd') with one optimizer each, and its batches."""
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"g": torch.nn.Linear(4, 8), "d": torch.nn.Linear(8, 1)})
+    opt_g = torch.optim.Adam(model["g"].parameters(), lr=1e-3)
+    opt_d = torch.optim.Adam(model["d"].parameters(), lr=1e-3)
+    batches = [(torch.randn(6, 8), torch.randn(6, 4)) for _ in range(4)]
+    return model, opt_g, opt_d, batches
+
+
+def gan_iteration(model, opt_g, opt_d, real, z, zero_generator=True):
+    """One DCGAN-style iteration: D on real and detached fake, then G through D."""
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    g, d = model["g"], model["d"]
+    opt_d.zero_grad()
+    fake = g(z)
+    d_loss = bce(d(real), torch.ones(6, 1)) + bce(d(fake.detach()), torch.zeros(6, 1))
+    d_loss.backward()
+    opt_d.step()
+    if zero_generator:
+        opt_g.zero_grad()
+    g_loss = bce(d(fake), torch.ones(6, 1))  # reaches the discriminator too: a by-product, cleared next time
+    g_loss.backward()
+    opt_g.step()

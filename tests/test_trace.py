@@ -41,7 +41,7 @@ def test_trace_round_trips_through_load_trace(tmp_path):
 
 def test_logdir_gets_the_trace_by_default(tmp_path):
     model, opt = reference_model()
-    with pytest.warns(GradientWarning, match="TensorBoard"), gradwatch.watch(model, opt, logdir=tmp_path) as w:
+    with gradwatch.watch(model, opt, logdir=tmp_path) as w:
         reference_loop(model, opt, reference_data())
     trace = gradwatch.load_trace(tmp_path)  # a logdir is searched for the trace
     assert trace.path == str(tmp_path / "gradwatch-trace.jsonl")
@@ -81,7 +81,7 @@ def test_an_unwritable_trace_fails_at_watch(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     model, opt = reference_model()
-    with pytest.raises(ValueError, match="cannot write the gradwatch trace"):
+    with pytest.raises(ValueError, match="cannot write gradwatch's logs"):
         gradwatch.watch(model, opt, trace=blocker / "trace.jsonl")
     gradwatch.watch(model, opt, on_finding="record").detach()  # nothing was left attached
 

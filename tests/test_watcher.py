@@ -76,13 +76,6 @@ def test_watching_the_same_model_twice_is_refused_until_detached():
     watch(model, opt).detach()
 
 
-def test_logdir_is_accepted_with_a_warning_until_tensorboard_streaming_lands(tmp_path):
-    model, opt = reference_model()
-    with pytest.warns(GradientWarning, match="TensorBoard streaming is not implemented yet"):
-        w = gradwatch.watch(model, opt, logdir=tmp_path, on_finding="record")
-    w.detach()
-
-
 # -- on_finding modes -------------------------------------------------------------------------------
 def test_warn_mode_warns_once_per_distinct_finding():
     model, opt = reference_model()

@@ -60,7 +60,7 @@ class TraceSink:
         line = {"event": "clear", "backward": backward, "source": source, "params": params, "discarded": discarded}
         self._write(line)
 
-    def finding(self, finding: Finding, step: int) -> None:
+    def finding(self, finding: Finding) -> None:
         self._write({"event": "finding", **_finding_fields(finding)})
 
     def finished(self, findings: Sequence[Finding], backwards: int, steps: Sequence[int]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import kinds, mse, reference_data, reference_loop, reference_model, the, watch
+from helpers import gan, gan_iteration, kinds, mse, reference_data, reference_loop, reference_model, the, watch
 
 import gradwatch
 
@@ -183,10 +183,10 @@ def test_nan_entering_at_micro_batch_k(k, finite_check):
 
 
 def test_gan_whose_generator_is_never_zeroed():
-    model, opt_g, opt_d, batches = _gan()
+    model, opt_g, opt_d, batches = gan()
     with watch(model, [opt_g, opt_d]) as w:
         for real, z in batches:
-            _gan_iteration(model, opt_g, opt_d, real, z, zero_generator=False)
+            gan_iteration(model, opt_g, opt_d, real, z, zero_generator=False)
     f = the(w, "uncleared-gradient")
     assert kinds(w) == {"uncleared-gradient"}
     assert f.params == ("g.weight", "g.bias")  # the discriminator is zeroed each iteration: not accused
@@ -263,31 +263,6 @@ def test_skipping_step_and_zero_grad_on_a_nan_batch_keeps_accumulating():
     mismatch = the(w, "accumulation-mismatch")
     assert (mismatch.step, mismatch.backward) == (1, 6)
     assert "consumed 4 backward pass(es)" in mismatch.message
-
-
-# -- GAN helpers (shared with the clean idioms) -----------------------------------------------------
-def _gan():
-    torch.manual_seed(0)
-    model = torch.nn.ModuleDict({"g": torch.nn.Linear(4, 8), "d": torch.nn.Linear(8, 1)})
-    opt_g = torch.optim.Adam(model["g"].parameters(), lr=1e-3)
-    opt_d = torch.optim.Adam(model["d"].parameters(), lr=1e-3)
-    batches = [(torch.randn(6, 8), torch.randn(6, 4)) for _ in range(4)]
-    return model, opt_g, opt_d, batches
-
-
-def _gan_iteration(model, opt_g, opt_d, real, z, zero_generator=True):
-    bce = torch.nn.functional.binary_cross_entropy_with_logits
-    g, d = model["g"], model["d"]
-    opt_d.zero_grad()
-    fake = g(z)
-    d_loss = bce(d(real), torch.ones(6, 1)) + bce(d(fake.detach()), torch.zeros(6, 1))
-    d_loss.backward()
-    opt_d.step()
-    if zero_generator:
-        opt_g.zero_grad()
-    g_loss = bce(d(fake), torch.ones(6, 1))  # reaches the discriminator too: a by-product, cleared next time
-    g_loss.backward()
-    opt_g.step()
 
 
 def test_raise_mode_raises_from_the_step_that_consumes_an_uncleared_gradient():

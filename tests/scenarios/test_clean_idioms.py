@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import bugs, mse, reference_data, reference_loop, reference_model, watch
-from test_bug_patterns import _gan, _gan_iteration
+from helpers import bugs, gan, gan_iteration, mse, reference_data, reference_loop, reference_model, watch
 
 ACC = 2
 
@@ -128,10 +127,10 @@ def test_lbfgs_step_with_closure():
 
 
 def test_gan_two_optimizers_with_detach():
-    model, opt_g, opt_d, batches = _gan()
+    model, opt_g, opt_d, batches = gan()
     with watch(model, [opt_g, opt_d]) as w:
         for real, z in batches:
-            _gan_iteration(model, opt_g, opt_d, real, z)
+            gan_iteration(model, opt_g, opt_d, real, z)
     assert w.findings == []
 
 

@@ -1,0 +1,104 @@
+"""TensorBoard event files through PyTorch's own ``SummaryWriter``: lifecycle scalars, gradient norms, findings."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+from ..findings import Finding
+from . import RunInfo, StepRecord
+
+PER_PARAM_LIMIT = 32  # above this many parameters, gradient norms are logged per layer
+
+
+def layer_of(name: str) -> str:
+    """The module a parameter belongs to: 'encoder.0.weight' -> 'encoder.0'."""
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+class TensorBoardSink:
+    """Streams the run to ``logdir``. The writer is created at ``watch()``, so an unwritable logdir fails there."""
+
+    wants_norms = True
+
+    def __init__(self, logdir: str | os.PathLike[str], group_by: str = "auto") -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(log_dir=os.fspath(logdir))
+        self._group_by = group_by
+        self._groups: list[str] = []
+        self._n_optimizers = 1
+        self._clears = 0
+        self._findings: list[Finding] = []
+
+    def started(self, info: RunInfo) -> None:
+        per_param = self._group_by == "param" or (self._group_by == "auto" and len(info.params) <= PER_PARAM_LIMIT)
+        self._groups = list(info.params) if per_param else [layer_of(n) for n in info.params]
+        self._n_optimizers = len(info.optimizers)
+        self._writer.add_custom_scalars(
+            {
+                "lifecycle": {
+                    "backward passes consumed per step": ["Multiline", [r"lifecycle/.*backward_passes_per_step"]],
+                    "clears": ["Multiline", ["lifecycle/clears"]],
+                    "findings": ["Multiline", ["lifecycle/findings"]],
+                },
+                "grad norms": {"gradient norm at step": ["Multiline", [r"grad_norm/.*"]]},
+            }
+        )
+        self._writer.add_text("gradwatch/run", _run_table(info), 0)
+
+    def backward(self, backward: int, params: Sequence[int]) -> None:
+        self._writer.add_scalar("lifecycle/params_per_backward", len(params), backward)
+
+    def step(self, record: StepRecord) -> None:
+        prefix = f"opt{record.optimizer}/" if self._n_optimizers > 1 else ""
+        s = record.step
+        self._writer.add_scalar(f"lifecycle/{prefix}backward_passes_per_step", record.window, s)
+        if not record.grad_norms:
+            return
+        squares: dict[str, float] = {}
+        for i, norm in zip(record.params, record.grad_norms, strict=True):
+            group = self._groups[i]
+            squares[group] = squares.get(group, 0.0) + norm * norm
+        for group, square in squares.items():
+            self._writer.add_scalar(f"grad_norm/{prefix}{group}", math.sqrt(square), s)
+        self._writer.add_scalar(f"grad_norm/{prefix}total", math.sqrt(sum(squares.values())), s)
+
+    def cleared(self, backward: int, source: str, params: int, discarded: int) -> None:
+        self._clears += 1
+        self._writer.add_scalar("lifecycle/clears", self._clears, backward)
+
+    def finding(self, finding: Finding) -> None:
+        self._findings.append(finding)
+        self._writer.add_scalar("lifecycle/findings", len(self._findings), finding.step)
+        self._writer.add_text("gradwatch/findings", findings_table(self._findings), finding.step)
+        self._writer.flush()
+
+    def finished(self, findings: Sequence[Finding], backwards: int, steps: Sequence[int]) -> None:
+        self._writer.add_text("gradwatch/findings", findings_table(findings), max(steps, default=0))
+        self.abandon()
+
+    def abandon(self) -> None:
+        self._writer.close()
+
+
+def findings_table(findings: Sequence[Finding]) -> str:
+    """Findings as a markdown table (TensorBoard's text dashboard renders it)."""
+    if not findings:
+        return "no findings: every gradient contribution was consumed by exactly one step."
+    rows = ["| kind | severity | step | backward | count | parameters | what to do |", "|---|---|---|---|---|---|---|"]
+    for f in findings:
+        message = f.message.replace("|", "\\|")
+        rows.append(
+            f"| {f.kind} | {f.severity} | {f.step} | {f.backward} | {f.count} | {', '.join(f.params)} | {message} |"
+        )
+    return "\n".join(rows)
+
+
+def _run_table(info: RunInfo) -> str:
+    rows = ["| optimizer | type | parameters |", "|---|---|---|"]
+    for o, (kind, params) in enumerate(info.optimizers):
+        rows.append(f"| {o} | {kind} | {', '.join(info.params[i] for i in params)} |")
+    accumulation = info.accumulation_steps if info.accumulation_steps is not None else "not checked"
+    return "\n".join([*rows, "", f"accumulation_steps: {accumulation}"])

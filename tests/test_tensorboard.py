@@ -1,0 +1,105 @@
+"""TensorBoard event files, read back with TensorBoard's own EventAccumulator."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import gan, gan_iteration, mse, reference_data, reference_model, watch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import gradwatch
+
+ACC = 2
+
+
+def _events(logdir) -> EventAccumulator:
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def _scalars(acc, tag):
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def _text(acc, tag):
+    return [e.tensor_proto.string_val[0].decode() for e in acc.Tensors(f"{tag}/text_summary")]
+
+
+def test_reference_loop_streams_lifecycle_and_gradient_norms(tmp_path):
+    model, opt = reference_model()
+    expected_norms = []
+    with watch(model, opt, accumulation_steps=ACC, logdir=tmp_path) as w:
+        opt.zero_grad()
+        for i, (x, y) in enumerate(reference_data()):
+            mse(model, x, y, ACC).backward()
+            if (i + 1) % ACC == 0:
+                expected_norms.append({n: p.grad.norm().item() for n, p in model.named_parameters()})
+                opt.step()
+                opt.zero_grad()
+    assert w.findings == []
+    acc = _events(tmp_path)
+    tags = set(acc.Tags()["scalars"])
+    assert {"lifecycle/backward_passes_per_step", "lifecycle/params_per_backward", "lifecycle/clears"} <= tags
+    assert _scalars(acc, "lifecycle/backward_passes_per_step") == [(s, 2.0) for s in range(4)]
+    assert _scalars(acc, "lifecycle/params_per_backward") == [(b, 2.0) for b in range(8)]
+    for name in ("weight", "bias"):
+        logged = _scalars(acc, f"grad_norm/{name}")
+        assert [s for s, _ in logged] == [0, 1, 2, 3]
+        assert [v for _, v in logged] == pytest.approx([n[name] for n in expected_norms], rel=1e-5)
+    total = [math.hypot(n["weight"], n["bias"]) for n in expected_norms]
+    assert [v for _, v in _scalars(acc, "grad_norm/total")] == pytest.approx(total, rel=1e-5)
+    assert "no findings" in _text(acc, "gradwatch/findings")[-1]
+    assert "custom_scalars__config__" in acc.Tags()["tensors"]
+
+
+def test_findings_are_written_as_a_markdown_table_when_they_occur(tmp_path):
+    model, opt = reference_model()
+    with watch(model, opt, accumulation_steps=ACC, logdir=tmp_path):
+        opt.zero_grad()
+        for i, (x, y) in enumerate(reference_data()):
+            mse(model, x, y, ACC).backward()
+            if (i + 1) % ACC == 0:
+                opt.step()  # missing zero_grad
+    acc = _events(tmp_path)
+    assert _scalars(acc, "lifecycle/findings") == [(1, 1.0)]
+    tables = _text(acc, "gradwatch/findings")
+    assert tables[0].startswith("| kind | severity | step | backward | count | parameters | what to do |")
+    assert "| uncleared-gradient | error | 1 | 2 | 1 | weight, bias |" in tables[0]
+    assert "| uncleared-gradient | error | 1 | 2 | 3 | weight, bias |" in tables[-1]  # final counts at detach
+
+
+def test_many_parameters_are_grouped_per_layer(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(20)])  # 40 parameter tensors
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with watch(model, opt, logdir=tmp_path):
+        x = torch.randn(2, 4)
+        for _ in range(2):
+            model(x).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    tags = set(_events(tmp_path).Tags()["scalars"])
+    assert {f"grad_norm/{i}" for i in range(20)} <= tags
+    assert "grad_norm/0.weight" not in tags
+
+
+def test_two_optimizers_get_their_own_step_axis(tmp_path):
+
+    model, opt_g, opt_d, batches = gan()
+    with watch(model, [opt_g, opt_d], logdir=tmp_path):
+        for real, z in batches:
+            gan_iteration(model, opt_g, opt_d, real, z)
+    acc = _events(tmp_path)
+    assert _scalars(acc, "lifecycle/opt0/backward_passes_per_step") == [(s, 1.0) for s in range(4)]
+    assert [s for s, _ in _scalars(acc, "grad_norm/opt1/d.weight")] == [0, 1, 2, 3]
+
+
+def test_an_unwritable_logdir_fails_at_watch(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    model, opt = reference_model()
+    with pytest.raises(ValueError, match="cannot write gradwatch's logs"):
+        gradwatch.watch(model, opt, logdir=blocker / "logs")
