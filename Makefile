@@ -13,8 +13,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/reference_loop.py
-	$(PY) examples/missing_zero_grad.py
+	$(PY) -m gradwatch demo --logdir runs/gradwatch-demo
+	-$(PY) -m gradwatch demo --bug missing-zero-grad --logdir runs/gradwatch-demo-bug
 
 test: $(STAMP)
 	$(PY) -m ruff check gradwatch tests examples
