@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from dataclasses import replace
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -47,6 +48,7 @@ class Tracker:
         self._finite = FiniteChecks()  # used when finite_check == "backward"
         self._check_every_backward = finite_check == "backward"
         self._skipped_steps: set[int] = set()  # optimizers inside a step that GradScaler told to skip
+        self._weights_before: dict[int, list[torch.Tensor]] = {}  # copies for update ratios, one step long
         self._emit = emit
         self._sinks = sinks if sinks else None
         self._on_internal_error = on_internal_error
@@ -125,6 +127,9 @@ class Tracker:
             self._check_finite([(i, p) for i, p in params if self.ledger.fresh[i]])  # lets the clear drop them
             return
         out = self._notice_set_to_none(params)
+        if self._sinks is not None and self._sinks.update_ratio_due(self.ledger.steps[opt_index]):
+            with torch.no_grad():
+                self._weights_before[opt_index] = torch._foreach_mul([p.detach() for _, p in params], 1.0)
         self.ledger.step_begin(opt_index)
         self._emit(out)
 
@@ -154,6 +159,12 @@ class Tracker:
         out = ledger.step_end(opt_index, indices)
         consumed_indices = tuple(i for i, _ in consumed)
         record = StepRecord(opt_index, step, ledger.backwards, window, consumed_indices, tuple(norms))
+        before = self._weights_before.pop(opt_index, None)
+        if before is not None and len(before) == len(params):
+            updated, update_norms, weight_norms = _update_norms(params, before)
+            record = replace(record, updated=updated, update_norms=update_norms, weight_norms=weight_norms)
+        if self._sinks.histogram_due(step):
+            record = replace(record, grads={i: p.grad for i, p in consumed if p.grad is not None})
         self._sinks.call("step", record)
         self._emit(out)
 
@@ -298,3 +309,15 @@ def _skipped_by_grad_scaler(optimizer: torch.optim.Optimizer) -> bool:
     """
     found_inf = getattr(optimizer, "found_inf", None)
     return isinstance(found_inf, torch.Tensor) and bool(found_inf.item())
+
+
+def _update_norms(
+    params: list[tuple[int, torch.Tensor]], before: list[torch.Tensor]
+) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]]:
+    """(indices, ||w_after - w_before||, ||w_after||) per parameter, batched, read back once."""
+    with torch.no_grad():
+        after = [p.detach() for _, p in params]
+        deltas = torch._foreach_sub(after, before)
+        update_norms = host_norms(deltas)
+        weight_norms = host_norms(after)
+    return tuple(i for i, _ in params), tuple(update_norms), tuple(weight_norms)

@@ -16,7 +16,7 @@ from .hooks import HookSet
 from .ledger import NO_OWNER
 from .report import render_report
 from .sinks import RunInfo, Sink, Sinks
-from .sinks.tensorboard import TensorBoardSink
+from .sinks.tensorboard import TensorBoardOptions, TensorBoardSink
 from .sinks.trace import TraceSink
 from .traces import TRACE_NAME
 from .tracker import Tracker
@@ -150,13 +150,15 @@ def watch(
     *,
     finite_check: str = "step",
     trace: str | os.PathLike[str] | None = None,
+    tensorboard: TensorBoardOptions | None = None,
 ) -> Watcher:
     """Watch ``model``'s gradients from ``backward()`` through ``optimizer.step()`` to ``zero_grad()``.
 
     ``accumulation_steps`` is the number of backward passes each step should consume (None: not checked).
     ``on_finding`` is "warn", "raise", "record" or a callable taking a ``Finding``.
     ``logdir`` streams the run to TensorBoard event files there, and the trace file goes there too by default.
-    ``trace`` is the path of the JSON-lines trace (``load_trace`` reads it).
+    ``trace`` is the path of the JSON-lines trace (``load_trace`` reads it). ``tensorboard`` tunes what the
+    TensorBoard stream holds (``TensorBoardOptions``: grouping, update ratios, histograms).
     ``finite_check`` is when gradients are checked for NaN/Inf: "step" (once per optimizer step; the finding
     names the window of backward passes) or "backward" (after every backward pass: names the exact one, at
     the cost of one batched norm per backward pass).
@@ -178,6 +180,8 @@ def watch(
         raise TypeError(f"on_finding must be one of {POLICIES} or a callable(Finding), got {type(on_finding).__name__}")
     if finite_check not in FINITE_CHECKS:
         raise ValueError(f"finite_check must be one of {FINITE_CHECKS}, got {finite_check!r}")
+    if tensorboard is not None and not isinstance(tensorboard, TensorBoardOptions):
+        raise TypeError(f"tensorboard must be a gradwatch.TensorBoardOptions, got {type(tensorboard).__name__}")
     if trace is not None and not isinstance(trace, (str, os.PathLike)):
         raise TypeError(f"trace must be a str or os.PathLike path, got {type(trace).__name__}")
     for target in (model, *optimizers):
@@ -193,7 +197,7 @@ def watch(
         if trace is not None:
             sinks.append(TraceSink(trace))
         if logdir is not None:
-            sinks.append(TensorBoardSink(logdir))
+            sinks.append(TensorBoardSink(logdir, tensorboard))
     except OSError as error:
         for sink in sinks:
             sink.abandon()

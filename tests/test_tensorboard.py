@@ -15,7 +15,7 @@ ACC = 2
 
 
 def _events(logdir) -> EventAccumulator:
-    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0})
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0, "histograms": 0})
     acc.Reload()
     return acc
 
@@ -103,3 +103,41 @@ def test_an_unwritable_logdir_fails_at_watch(tmp_path):
     model, opt = reference_model()
     with pytest.raises(ValueError, match="cannot write gradwatch's logs"):
         gradwatch.watch(model, opt, logdir=blocker / "logs")
+
+
+def test_update_ratios_and_histograms_on_their_schedule(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    options = gradwatch.TensorBoardOptions(update_ratio_every=2, histogram_every=3)
+    expected = {}
+    with watch(model, opt, accumulation_steps=ACC, logdir=tmp_path, tensorboard=options):
+        opt.zero_grad()
+        for i, (x, y) in enumerate(reference_data()):
+            mse(model, x, y, ACC).backward()
+            if (i + 1) % ACC == 0:
+                before = [p.detach().clone() for p in model[0].parameters()]
+                opt.step()
+                after = list(model[0].parameters())
+                dw = math.sqrt(sum((a - b).pow(2).sum().item() for a, b in zip(after, before, strict=True)))
+                w = math.sqrt(sum(a.pow(2).sum().item() for a in after))
+                expected[i // ACC] = dw / w
+                opt.zero_grad()
+    acc = _events(tmp_path)
+    ratios = _scalars(acc, "update_ratio/0")
+    assert [s for s, _ in ratios] == [0, 2]  # every 2 steps
+    assert [v for _, v in ratios] == pytest.approx([expected[0], expected[2]], rel=1e-4)
+    assert "update_ratio/2" in acc.Tags()["scalars"]
+    histograms = acc.Histograms("grad/0")
+    assert [h.step for h in histograms] == [0, 3]
+    assert histograms[0].histogram_value.num == 10 * 4 + 4  # weight and bias of layer 0
+
+
+def test_tensorboard_options_are_checked():
+    with pytest.raises(ValueError, match="group_by must be"):
+        gradwatch.TensorBoardOptions(group_by="module")
+    with pytest.raises(ValueError, match="histogram_every must be an int >= 0"):
+        gradwatch.TensorBoardOptions(histogram_every=-1)
+    model, opt = reference_model()
+    with pytest.raises(TypeError, match="TensorBoardOptions"):
+        gradwatch.watch(model, opt, tensorboard={"histogram_every": 5})

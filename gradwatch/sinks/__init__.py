@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from ..findings import Finding
 
@@ -28,7 +28,12 @@ class StepRecord:
     window: int
     params: tuple[int, ...]
     grad_norms: tuple[float, ...] = ()
-    update_ratios: dict[int, float] = field(default_factory=dict)
+    # on the steps a sink asked for them: per parameter of the optimizer, norms of the update and of the weight
+    updated: tuple[int, ...] = ()
+    update_norms: tuple[float, ...] = ()
+    weight_norms: tuple[float, ...] = ()
+    # on histogram steps: the consumed gradients themselves, by parameter index (valid during the call only)
+    grads: dict[int, Any] = field(default_factory=dict)
 
 
 class Sink(Protocol):
@@ -58,6 +63,9 @@ class Sinks:
 
     def update_ratio_due(self, step: int) -> bool:
         return any(getattr(s, "update_ratio_due", lambda _: False)(step) for s in self._sinks)
+
+    def histogram_due(self, step: int) -> bool:
+        return any(getattr(s, "histogram_due", lambda _: False)(step) for s in self._sinks)
 
     def call(self, method: str, *args: object) -> None:
         for sink in list(self._sinks):

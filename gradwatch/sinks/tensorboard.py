@@ -4,12 +4,37 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Sequence
+
+import torch
 
 from ..findings import Finding
 from . import RunInfo, StepRecord
 
 PER_PARAM_LIMIT = 32  # above this many parameters, gradient norms are logged per layer
+
+
+@dataclass(frozen=True)
+class TensorBoardOptions:
+    """What the TensorBoard stream holds besides the lifecycle and the gradient norms.
+
+    ``group_by``: "auto" (per parameter up to 32 parameters, else per layer), "param" or "layer".
+    ``update_ratio_every``: log ||dw|| / ||w|| per layer every N optimizer steps (0: never); it copies the
+    weights before those steps. ``histogram_every``: gradient histograms per layer every N steps (0: never).
+    """
+
+    group_by: str = "auto"
+    update_ratio_every: int = 1
+    histogram_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.group_by not in ("auto", "param", "layer"):
+            raise ValueError(f"group_by must be 'auto', 'param' or 'layer', got {self.group_by!r}")
+        for name in ("update_ratio_every", "histogram_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0 (0 turns it off), got {value!r}")
 
 
 def layer_of(name: str) -> str:
@@ -22,11 +47,12 @@ class TensorBoardSink:
 
     wants_norms = True
 
-    def __init__(self, logdir: str | os.PathLike[str], group_by: str = "auto") -> None:
+    def __init__(self, logdir: str | os.PathLike[str], options: TensorBoardOptions | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self._writer = SummaryWriter(log_dir=os.fspath(logdir))
-        self._group_by = group_by
+        self._options = options or TensorBoardOptions()
+        self._group_by = self._options.group_by
         self._groups: list[str] = []
         self._n_optimizers = 1
         self._clears = 0
@@ -34,6 +60,7 @@ class TensorBoardSink:
 
     def started(self, info: RunInfo) -> None:
         per_param = self._group_by == "param" or (self._group_by == "auto" and len(info.params) <= PER_PARAM_LIMIT)
+        self._names = list(info.params)
         self._groups = list(info.params) if per_param else [layer_of(n) for n in info.params]
         self._n_optimizers = len(info.optimizers)
         self._writer.add_custom_scalars(
@@ -44,9 +71,18 @@ class TensorBoardSink:
                     "findings": ["Multiline", ["lifecycle/findings"]],
                 },
                 "grad norms": {"gradient norm at step": ["Multiline", [r"grad_norm/.*"]]},
+                "update ratios": {"||dw|| / ||w|| per layer": ["Multiline", [r"update_ratio/.*"]]},
             }
         )
         self._writer.add_text("gradwatch/run", _run_table(info), 0)
+
+    def update_ratio_due(self, step: int) -> bool:
+        every = self._options.update_ratio_every
+        return every > 0 and step % every == 0
+
+    def histogram_due(self, step: int) -> bool:
+        every = self._options.histogram_every
+        return every > 0 and step % every == 0
 
     def backward(self, backward: int, params: Sequence[int]) -> None:
         self._writer.add_scalar("lifecycle/params_per_backward", len(params), backward)
@@ -55,15 +91,32 @@ class TensorBoardSink:
         prefix = f"opt{record.optimizer}/" if self._n_optimizers > 1 else ""
         s = record.step
         self._writer.add_scalar(f"lifecycle/{prefix}backward_passes_per_step", record.window, s)
-        if not record.grad_norms:
-            return
+        if record.grad_norms:
+            squares = self._group_squares(record.params, record.grad_norms, self._groups)
+            for group, square in squares.items():
+                self._writer.add_scalar(f"grad_norm/{prefix}{group}", math.sqrt(square), s)
+            self._writer.add_scalar(f"grad_norm/{prefix}total", math.sqrt(sum(squares.values())), s)
+        if record.update_norms:
+            layers = [layer_of(n) for n in self._names]
+            updates = self._group_squares(record.updated, record.update_norms, layers)
+            weights = self._group_squares(record.updated, record.weight_norms, layers)
+            for layer, update in updates.items():
+                if weights[layer] > 0:
+                    self._writer.add_scalar(f"update_ratio/{prefix}{layer}", math.sqrt(update / weights[layer]), s)
+        if record.grads:
+            by_layer: dict[str, list] = {}
+            for i, grad in record.grads.items():
+                by_layer.setdefault(layer_of(self._names[i]), []).append(grad.detach().reshape(-1))
+            for layer, parts in by_layer.items():
+                values = parts[0] if len(parts) == 1 else torch.cat([p.to(parts[0].dtype) for p in parts])
+                self._writer.add_histogram(f"grad/{prefix}{layer}", values.float().cpu(), s)
+
+    @staticmethod
+    def _group_squares(params: Sequence[int], norms: Sequence[float], groups: Sequence[str]) -> dict[str, float]:
         squares: dict[str, float] = {}
-        for i, norm in zip(record.params, record.grad_norms, strict=True):
-            group = self._groups[i]
-            squares[group] = squares.get(group, 0.0) + norm * norm
-        for group, square in squares.items():
-            self._writer.add_scalar(f"grad_norm/{prefix}{group}", math.sqrt(square), s)
-        self._writer.add_scalar(f"grad_norm/{prefix}total", math.sqrt(sum(squares.values())), s)
+        for i, norm in zip(params, norms, strict=True):
+            squares[groups[i]] = squares.get(groups[i], 0.0) + norm * norm
+        return squares
 
     def cleared(self, backward: int, source: str, params: int, discarded: int) -> None:
         self._clears += 1
