@@ -55,7 +55,14 @@ def _demo(bug: str, logdir: str) -> int:
     for finding in watcher.findings:
         print(f"  {finding}")
     print(watcher.report())
+    from .sinks.tensorboard import TIMELINE_NAME
+    from .timeline import INSTALL_HINT, available
+
     print(f"\nTensorBoard logs and the trace are in {logdir}; view them with:\n  tensorboard --logdir {logdir}")
+    if available():
+        print(f"timeline picture: {os.path.join(logdir, TIMELINE_NAME)}")
+    else:
+        print(f"no timeline picture: {INSTALL_HINT}")
     return EXIT_FINDINGS if _has_bugs(watcher.findings) else EXIT_CLEAN
 
 

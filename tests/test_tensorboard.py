@@ -15,7 +15,7 @@ ACC = 2
 
 
 def _events(logdir) -> EventAccumulator:
-    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0, "histograms": 0})
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0, "histograms": 0, "images": 0})
     acc.Reload()
     return acc
 
@@ -141,3 +141,26 @@ def test_tensorboard_options_are_checked():
     model, opt = reference_model()
     with pytest.raises(TypeError, match="TensorBoardOptions"):
         gradwatch.watch(model, opt, tensorboard={"histogram_every": 5})
+
+
+def test_timeline_picture_is_saved_and_logged(tmp_path):
+    pytest.importorskip("matplotlib")
+    from gradwatch.demo import run_demo
+
+    run_demo("zero-grad-before-step", tmp_path)
+    png = tmp_path / "gradwatch-timeline.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    images = _events(tmp_path).Images("gradwatch/timeline")
+    assert len(images) == 1 and images[0].width > 300
+
+
+def test_without_matplotlib_everything_else_works(tmp_path, monkeypatch, capsys):
+    from gradwatch import timeline
+    from gradwatch.cli import main
+
+    monkeypatch.setattr(timeline, "available", lambda: False)
+    assert main(["demo", "--bug", "missing-zero-grad", "--logdir", str(tmp_path)]) == 1
+    assert "no timeline picture: install matplotlib" in capsys.readouterr().out
+    assert not (tmp_path / "gradwatch-timeline.png").exists()
+    assert gradwatch.load_trace(tmp_path).findings[0].kind == "uncleared-gradient"
+    assert "grad_norm/weight" in _events(tmp_path).Tags()["scalars"]

@@ -9,9 +9,11 @@ from typing import Sequence
 
 import torch
 
+from .. import timeline
 from ..findings import Finding
 from . import RunInfo, StepRecord
 
+TIMELINE_NAME = "gradwatch-timeline.png"
 PER_PARAM_LIMIT = 32  # above this many parameters, gradient norms are logged per layer
 
 
@@ -51,6 +53,9 @@ class TensorBoardSink:
         from torch.utils.tensorboard import SummaryWriter
 
         self._writer = SummaryWriter(log_dir=os.fspath(logdir))
+        self.logdir = os.fspath(logdir)
+        self.timeline_path: str | None = None
+        self._timeline: list[dict] = []  # trace-format events for the picture, bounded
         self._options = options or TensorBoardOptions()
         self._group_by = self._options.group_by
         self._groups: list[str] = []
@@ -84,13 +89,19 @@ class TensorBoardSink:
         every = self._options.histogram_every
         return every > 0 and step % every == 0
 
+    def _remember(self, event: dict) -> None:
+        if len(self._timeline) < timeline.MAX_EVENTS or event["event"] == "finding":
+            self._timeline.append(event)
+
     def backward(self, backward: int, params: Sequence[int]) -> None:
         self._writer.add_scalar("lifecycle/params_per_backward", len(params), backward)
+        self._remember({"event": "backward", "backward": backward})
 
     def step(self, record: StepRecord) -> None:
         prefix = f"opt{record.optimizer}/" if self._n_optimizers > 1 else ""
         s = record.step
         self._writer.add_scalar(f"lifecycle/{prefix}backward_passes_per_step", record.window, s)
+        self._remember({"event": "step", "optimizer": record.optimizer, "step": s, "window": record.window})
         if record.grad_norms:
             squares = self._group_squares(record.params, record.grad_norms, self._groups)
             for group, square in squares.items():
@@ -121,15 +132,23 @@ class TensorBoardSink:
     def cleared(self, backward: int, source: str, params: int, discarded: int) -> None:
         self._clears += 1
         self._writer.add_scalar("lifecycle/clears", self._clears, backward)
+        self._remember({"event": "clear", "backward": backward, "source": source})
 
     def finding(self, finding: Finding) -> None:
         self._findings.append(finding)
+        self._remember({"event": "finding", "kind": finding.kind, "step": finding.step, "backward": finding.backward})
         self._writer.add_scalar("lifecycle/findings", len(self._findings), finding.step)
         self._writer.add_text("gradwatch/findings", findings_table(self._findings), finding.step)
         self._writer.flush()
 
     def finished(self, findings: Sequence[Finding], backwards: int, steps: Sequence[int]) -> None:
-        self._writer.add_text("gradwatch/findings", findings_table(findings), max(steps, default=0))
+        last_step = max(steps, default=0)
+        self._writer.add_text("gradwatch/findings", findings_table(findings), last_step)
+        if timeline.available():
+            path = os.path.join(self.logdir, TIMELINE_NAME)
+            pixels = timeline.render(self._timeline, path)
+            self._writer.add_image("gradwatch/timeline", pixels[..., :3], last_step, dataformats="HWC")
+            self.timeline_path = path
         self.abandon()
 
     def abandon(self) -> None:
