@@ -24,7 +24,7 @@ class Receiver(Protocol):
     """What the hooks report to."""
 
     def on_backward_start(self, index: int, param: torch.Tensor) -> None: ...
-    def on_backward_end(self, grads: dict[int, torch.Tensor | None]) -> None: ...
+    def on_backward_end(self, grads: dict[int, torch.Tensor | None], incoming: dict[int, torch.Tensor]) -> None: ...
     def on_step_pre(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None: ...
     def on_step_post(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None: ...
     def before_optimizer_clear(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None: ...
@@ -51,13 +51,20 @@ class BackwardGrouper:
     checkpoint runs nested graph tasks inside the outer one: they belong to the same backward pass.
     """
 
-    __slots__ = ("_open", "_receiver", "_task", "grads")
+    __slots__ = ("_open", "_receiver", "_task", "grads", "incoming")
 
     def __init__(self, receiver: Receiver) -> None:
         self._receiver = receiver
         self._open: list[int] = []
         self._task: int | None = None
         self.grads: dict[int, torch.Tensor | None] = {}
+        self.incoming: dict[int, torch.Tensor] = {}  # contribution norms, on the device (TensorBoard only)
+
+    def record_incoming(self, index: int, grad: torch.Tensor | None) -> None:
+        """Tensor pre-hook: the norm of the gradient about to be accumulated (kept on the device, not the grad)."""
+        if grad is not None and grad.layout is torch.strided:
+            with torch.no_grad():
+                self.incoming[index] = torch.linalg.vector_norm(grad)
 
     def record(self, index: int, param: torch.Tensor) -> None:
         """Hot path: one call per parameter per backward pass."""
@@ -85,9 +92,10 @@ class BackwardGrouper:
 
     def _close(self) -> None:
         grads, self.grads = self.grads, {}
+        incoming, self.incoming = self.incoming, {}
         self._open.clear()
         self._task = None
-        _guard(self._receiver, "backward", self._receiver.on_backward_end, grads)
+        _guard(self._receiver, "backward", self._receiver.on_backward_end, grads, incoming)
 
     def close_stale(self) -> None:
         """Close a backward pass whose end callback never ran (it raised); call outside any backward."""
@@ -183,13 +191,23 @@ class HookSet:
         self._handles: list[Any] = []
         self._wrapped: list[tuple[weakref.ref[torch.optim.Optimizer], Callable[..., Any]]] = []
 
-    def install(self, params: Iterable[tuple[int, torch.Tensor]], optimizers: Sequence[torch.optim.Optimizer]) -> None:
-        """Hook each (index, parameter), each optimizer's step and zero_grad, and ``Module.zero_grad``."""
+    def install(
+        self,
+        params: Iterable[tuple[int, torch.Tensor]],
+        optimizers: Sequence[torch.optim.Optimizer],
+        contribution_norms: bool = False,
+    ) -> None:
+        """Hook each (index, parameter), each optimizer's step and zero_grad, and ``Module.zero_grad``.
+
+        ``contribution_norms`` adds a tensor pre-hook per parameter that measures each incoming gradient.
+        """
         self.active = True
         try:
             for index, param in params:
                 hook = functools.partial(self.grouper.record, index)  # captures no tensor: see module doc
                 self._handles.append(param.register_post_accumulate_grad_hook(hook))
+                if contribution_norms:
+                    self._handles.append(param.register_hook(functools.partial(self.grouper.record_incoming, index)))
             for opt_index, optimizer in enumerate(optimizers):
                 self._handles.append(
                     optimizer.register_step_pre_hook(_StepHook(self.receiver, self.grouper, opt_index, post=False))

@@ -49,6 +49,7 @@ class Tracker:
         self._check_every_backward = finite_check == "backward"
         self._skipped_steps: set[int] = set()  # optimizers inside a step that GradScaler told to skip
         self._weights_before: dict[int, list[torch.Tensor]] = {}  # copies for update ratios, one step long
+        self._contributions: list[tuple[int, list[int], torch.Tensor]] = []  # per backward, read at the step
         self._emit = emit
         self._sinks = sinks if sinks else None
         self._on_internal_error = on_internal_error
@@ -82,8 +83,11 @@ class Tracker:
                 self._zeroed[index] = (groups[0][1], None)
         self._emit(out)
 
-    def on_backward_end(self, grads: dict[int, torch.Tensor | None]) -> None:
-        """One backward pass finished; ``grads`` maps each parameter it reached to its ``.grad``."""
+    def on_backward_end(
+        self, grads: dict[int, torch.Tensor | None], incoming: dict[int, torch.Tensor] | None = None
+    ) -> None:
+        """One backward pass finished; ``grads`` maps each parameter it reached to its ``.grad``, ``incoming``
+        (TensorBoard only) to the device norm of what it added."""
         if self.stopped:
             return
         ledger = self.ledger
@@ -106,6 +110,8 @@ class Tracker:
         out += ledger.backward(contributed)
         if self._sinks is not None:
             self._sinks.call("backward", backward, contributed)
+            if incoming:
+                self._queue_contributions(backward, [i for i in contributed if i in incoming], incoming)
         if self._zeroed:
             for i in contributed:
                 if ledger.mixed_at[i] is None:
@@ -154,6 +160,7 @@ class Tracker:
             self._check_finite(consumed)
             self._emit(ledger.step_end(opt_index, indices))
             return
+        self._flush_contributions()
         norms = self._check_finite(consumed, with_norms=self._sinks.wants_norms())
         step, window = ledger.steps[opt_index], max((ledger.fresh[i] for i, _ in consumed), default=0)
         out = ledger.step_end(opt_index, indices)
@@ -207,6 +214,7 @@ class Tracker:
     def finish_sinks(self, findings: list) -> None:
         """Close the sinks with the final findings (also after an internal error)."""
         if self._sinks is not None:
+            self._flush_contributions()
             self._sinks.call("finished", findings, self.ledger.backwards, list(self.ledger.steps))
 
     # -- helpers -----------------------------------------------------------------------------------
@@ -255,6 +263,26 @@ class Tracker:
             bad = nonfinite_positions([g for _, g in present])  # type: ignore[misc]
             self._mark_nonfinite([present[pos][0] for pos in bad])
         return []
+
+    def _queue_contributions(self, backward: int, indices: list[int], incoming: dict[int, torch.Tensor]) -> None:
+        if indices:
+            norms = [incoming[i] for i in indices]
+            if len({n.dtype for n in norms}) > 1 or len({n.device for n in norms}) > 1:
+                norms = [n.float().cpu() for n in norms]
+            self._contributions.append((backward, indices, torch.stack(norms)))
+            if len(self._contributions) >= FiniteChecks.max_pending:
+                self._flush_contributions()
+
+    def _flush_contributions(self) -> None:
+        """Hand the queued per-backward contribution norms to the sinks: one read for all of them."""
+        if not self._contributions or self._sinks is None:
+            return
+        queued, self._contributions = self._contributions, []
+        values = torch.cat([norms.float().reshape(-1).cpu() for _, _, norms in queued]).tolist()
+        at = 0
+        for backward, indices, _ in queued:
+            self._sinks.call("contributions", backward, indices, values[at : at + len(indices)])
+            at += len(indices)
 
     def _mark_nonfinite(self, indices: list[int]) -> None:
         ledger = self.ledger

@@ -63,7 +63,11 @@ class Watcher:
             self._sinks.call("started", RunInfo(tuple(names), layout, accumulation_steps))
         self._hooks = HookSet(self._tracker)
         self._targets = [weakref.ref(model), *(weakref.ref(o) for o in optimizers)]
-        self._hooks.install(((i, p) for i, p in enumerate(params) if p.requires_grad), optimizers)
+        self._hooks.install(
+            ((i, p) for i, p in enumerate(params) if p.requires_grad),
+            optimizers,
+            contribution_norms=self._sinks.wants_contributions(),
+        )
         _watched.update([model, *optimizers])
         self._attached = True
 

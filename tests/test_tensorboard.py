@@ -164,3 +164,26 @@ def test_without_matplotlib_everything_else_works(tmp_path, monkeypatch, capsys)
     assert not (tmp_path / "gradwatch-timeline.png").exists()
     assert gradwatch.load_trace(tmp_path).findings[0].kind == "uncleared-gradient"
     assert "grad_norm/weight" in _events(tmp_path).Tags()["scalars"]
+
+
+def test_contribution_norms_per_backward_pass(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    expected = {"0.weight": [], "2.bias": []}
+    with watch(model, opt, accumulation_steps=ACC, logdir=tmp_path):
+        opt.zero_grad()
+        for i, (x, y) in enumerate(reference_data()):
+            before = {n: (p.grad.clone() if p.grad is not None else 0) for n, p in model.named_parameters()}
+            mse(model, x, y, ACC).backward()
+            for name, p in model.named_parameters():
+                if name in expected:
+                    expected[name].append((p.grad - before[name]).norm().item())
+            if (i + 1) % ACC == 0:
+                opt.step()
+                opt.zero_grad()
+    acc = _events(tmp_path)
+    for name, norms in expected.items():
+        logged = _scalars(acc, f"contribution_norm/{name}")
+        assert [b for b, _ in logged] == list(range(8))  # x axis: the backward pass
+        assert [v for _, v in logged] == pytest.approx(norms, rel=1e-5)

@@ -181,13 +181,15 @@ def test_finding_is_frozen_and_exported():
 
 
 # -- never break the training -----------------------------------------------------------------------
+@pytest.mark.parametrize("streaming", [False, True], ids=["detection", "tensorboard"])
 @pytest.mark.parametrize("bug", [False, True])
-def test_training_numbers_are_identical_bit_for_bit(bug):
+def test_training_numbers_are_identical_bit_for_bit(bug, streaming, tmp_path):
     data = reference_data()
     results = []
+    logdir = tmp_path if streaming else None
     for watched in (False, True):
         model, opt = reference_model()
-        w = watch(model, opt, accumulation_steps=2) if watched else None
+        w = watch(model, opt, accumulation_steps=2, logdir=logdir) if watched else None
         if bug:
             _missing_zero_grad(model, opt, data)
         else:

@@ -58,6 +58,9 @@ class Sinks:
     def __bool__(self) -> bool:
         return bool(self._sinks)
 
+    def wants_contributions(self) -> bool:
+        return any(getattr(s, "wants_contributions", False) for s in self._sinks)
+
     def wants_norms(self) -> bool:
         return any(getattr(s, "wants_norms", False) for s in self._sinks)
 
@@ -69,8 +72,11 @@ class Sinks:
 
     def call(self, method: str, *args: object) -> None:
         for sink in list(self._sinks):
+            handler = getattr(sink, method, None)
+            if handler is None:  # an optional event this sink does not take
+                continue
             try:
-                getattr(sink, method)(*args)
+                handler(*args)
             except Exception as error:  # a full disk must not stop the training
                 self._sinks.remove(sink)
                 self._report_failure(f"gradwatch: the {type(sink).__name__} failed ({error!r}) and was turned off")

@@ -48,6 +48,7 @@ class TensorBoardSink:
     """Streams the run to ``logdir``. The writer is created at ``watch()``, so an unwritable logdir fails there."""
 
     wants_norms = True
+    wants_contributions = True
 
     def __init__(self, logdir: str | os.PathLike[str], options: TensorBoardOptions | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -75,7 +76,10 @@ class TensorBoardSink:
                     "clears": ["Multiline", ["lifecycle/clears"]],
                     "findings": ["Multiline", ["lifecycle/findings"]],
                 },
-                "grad norms": {"gradient norm at step": ["Multiline", [r"grad_norm/.*"]]},
+                "grad norms": {
+                    "gradient norm at step": ["Multiline", [r"grad_norm/.*"]],
+                    "contribution norm per backward pass": ["Multiline", [r"contribution_norm/.*"]],
+                },
                 "update ratios": {"||dw|| / ||w|| per layer": ["Multiline", [r"update_ratio/.*"]]},
             }
         )
@@ -96,6 +100,11 @@ class TensorBoardSink:
     def backward(self, backward: int, params: Sequence[int]) -> None:
         self._writer.add_scalar("lifecycle/params_per_backward", len(params), backward)
         self._remember({"event": "backward", "backward": backward})
+
+    def contributions(self, backward: int, params: Sequence[int], norms: Sequence[float]) -> None:
+        """The norm of what one backward pass added, per parameter group, on the backward-pass axis."""
+        for group, square in self._group_squares(params, norms, self._groups).items():
+            self._writer.add_scalar(f"contribution_norm/{group}", math.sqrt(square), backward)
 
     def step(self, record: StepRecord) -> None:
         prefix = f"opt{record.optimizer}/" if self._n_optimizers > 1 else ""
