@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -109,14 +109,57 @@ def nonfinite_positions(tensors: Sequence[torch.Tensor]) -> list[int]:
     return bad
 
 
+class HostBatch:
+    """Device vectors gathered while handling one step, read back together: one transfer per device."""
+
+    def __init__(self) -> None:
+        self._parts: list[torch.Tensor] = []
+        self._values: list[list[float]] = []
+
+    def norms(self, tensors: Sequence[torch.Tensor | None]) -> Callable[[], list[float]]:
+        """Schedule the 2-norm of each tensor (0.0 for None or sparse); the getter works after ``read()``."""
+        present = [(pos, t) for pos, t in enumerate(tensors) if t is not None]
+        slots = [(positions, self._add(norms)) for positions, norms in norms_by_group([t for _, t in present])]
+        size = len(tensors)
+
+        def get() -> list[float]:
+            values = [0.0] * size
+            for positions, slot in slots:
+                for at, value in zip(positions, self._values[slot], strict=True):
+                    values[present[at][0]] = value
+            return values
+
+        return get
+
+    def vector(self, tensor: torch.Tensor) -> Callable[[], list[float]]:
+        """Schedule a 1-D tensor; the getter works after ``read()``."""
+        slot = self._add(tensor)
+        return lambda: self._values[slot]
+
+    def _add(self, tensor: torch.Tensor) -> int:
+        self._parts.append(tensor.detach().float().reshape(-1))
+        return len(self._parts) - 1
+
+    def read(self) -> None:
+        """Move everything scheduled to the host."""
+        self._values = [[] for _ in self._parts]
+        by_device: dict[torch.device, list[int]] = {}
+        for slot, part in enumerate(self._parts):
+            by_device.setdefault(part.device, []).append(slot)
+        for slots in by_device.values():
+            flat = torch.cat([self._parts[s] for s in slots]).tolist()
+            at = 0
+            for s in slots:
+                n = self._parts[s].numel()
+                self._values[s], at = flat[at : at + n], at + n
+
+
 def host_norms(tensors: Sequence[torch.Tensor | None]) -> list[float]:
-    """2-norm of each tensor (0.0 for None or sparse), batched per group and read back in one transfer per group."""
-    present = [(pos, t) for pos, t in enumerate(tensors) if t is not None]
-    values = [0.0] * len(tensors)
-    for positions, norms in norms_by_group([t for _, t in present]):
-        for at, value in zip(positions, norms.float().tolist(), strict=True):
-            values[present[at][0]] = value
-    return values
+    """2-norm of each tensor (0.0 for None or sparse), batched per group and read back in one transfer."""
+    batch = HostBatch()
+    get = batch.norms(tensors)
+    batch.read()
+    return get()
 
 
 def zero_flags(grads: Sequence[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:

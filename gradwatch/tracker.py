@@ -17,7 +17,7 @@ import torch
 
 from .ledger import NO_OWNER, Ledger, Occurrence
 from .sinks import Sinks, StepRecord
-from .stats import FiniteChecks, host_norms, nonfinite_positions, read_flags, zero_flags
+from .stats import FiniteChecks, HostBatch, nonfinite_positions, read_flags, zero_flags
 
 Emit = Callable[[list[Occurrence]], None]
 SET_TO_NONE = ".grad set to None (or replaced)"
@@ -160,20 +160,47 @@ class Tracker:
             self._check_finite(consumed)
             self._emit(ledger.step_end(opt_index, indices))
             return
-        self._flush_contributions()
-        norms = self._check_finite(consumed, with_norms=self._sinks.wants_norms())
-        step, window = ledger.steps[opt_index], max((ledger.fresh[i] for i, _ in consumed), default=0)
-        out = ledger.step_end(opt_index, indices)
-        consumed_indices = tuple(i for i, _ in consumed)
-        record = StepRecord(opt_index, step, ledger.backwards, window, consumed_indices, tuple(norms))
+        self._emit(self._step_with_sinks(self._sinks, opt_index, params, consumed))
+
+    def _step_with_sinks(
+        self,
+        sinks: Sinks,
+        opt_index: int,
+        params: list[tuple[int, torch.Tensor]],
+        consumed: list[tuple[int, torch.Tensor]],
+    ) -> list[Occurrence]:
+        """Book the step and hand its statistics to the sinks; all of them reach the host in one transfer."""
+        ledger = self.ledger
+        batch = HostBatch()
+        contributions = self._schedule_contributions(batch)
+        grad_norms = batch.norms([p.grad for _, p in consumed]) if sinks.wants_norms() else None
         before = self._weights_before.pop(opt_index, None)
+        updates = None
         if before is not None and len(before) == len(params):
-            updated, update_norms, weight_norms = _update_norms(params, before)
-            record = replace(record, updated=updated, update_norms=update_norms, weight_norms=weight_norms)
-        if self._sinks.histogram_due(step):
+            with torch.no_grad():
+                after = [p.detach() for _, p in params]
+                updates = batch.norms(torch._foreach_sub(after, before)), batch.norms(after)
+        if self._check_every_backward and len(self._finite):
+            self._read_finite_checks()
+        batch.read()
+        self._send_contributions(contributions)
+        norms = grad_norms() if grad_norms is not None else []
+        if norms and not self._check_every_backward:
+            self._mark_nonfinite([i for (i, _), n in zip(consumed, norms, strict=True) if not math.isfinite(n)])
+        elif grad_norms is None:
+            self._check_finite(consumed)
+        step, window = ledger.steps[opt_index], max((ledger.fresh[i] for i, _ in consumed), default=0)
+        out = ledger.step_end(opt_index, [i for i, _ in params])
+        record = StepRecord(opt_index, step, ledger.backwards, window, tuple(i for i, _ in consumed), tuple(norms))
+        if updates is not None:
+            updated = tuple(i for i, _ in params)
+            record = replace(
+                record, updated=updated, update_norms=tuple(updates[0]()), weight_norms=tuple(updates[1]())
+            )
+        if sinks.histogram_due(step):
             record = replace(record, grads={i: p.grad for i, p in consumed if p.grad is not None})
-        self._sinks.call("step", record)
-        self._emit(out)
+        sinks.call("step", record)
+        return out
 
     def before_optimizer_clear(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
         """``optimizer.zero_grad()`` is about to run."""
@@ -245,24 +272,15 @@ class Tracker:
                 params.append((i, p))
         return params
 
-    def _check_finite(self, params: list[tuple[int, torch.Tensor]], with_norms: bool = False) -> list[float]:
-        """Mark the fresh gradients holding NaN/Inf: queued per-backward checks, or one batched check now.
-
-        With ``with_norms`` the gradient norms (0.0 for a missing gradient) are read back and returned.
-        """
-        if self._check_every_backward and len(self._finite):
-            self._read_finite_checks()
-        if with_norms:
-            grads = [p.grad for _, p in params]
-            norms = host_norms(grads)
-            if not self._check_every_backward:
-                self._mark_nonfinite([i for (i, _), n in zip(params, norms, strict=True) if not math.isfinite(n)])
-            return norms
-        if not self._check_every_backward:
-            present = [(i, p.grad) for i, p in params if p.grad is not None]
-            bad = nonfinite_positions([g for _, g in present])  # type: ignore[misc]
-            self._mark_nonfinite([present[pos][0] for pos in bad])
-        return []
+    def _check_finite(self, params: list[tuple[int, torch.Tensor]]) -> None:
+        """Mark the fresh gradients holding NaN/Inf: queued per-backward checks, or one batched check now."""
+        if self._check_every_backward:
+            if len(self._finite):
+                self._read_finite_checks()
+            return
+        present = [(i, p.grad) for i, p in params if p.grad is not None]
+        bad = nonfinite_positions([g for _, g in present])  # type: ignore[misc]
+        self._mark_nonfinite([present[pos][0] for pos in bad])
 
     def _queue_contributions(self, backward: int, indices: list[int], incoming: dict[int, torch.Tensor]) -> None:
         if indices:
@@ -273,16 +291,22 @@ class Tracker:
             if len(self._contributions) >= FiniteChecks.max_pending:
                 self._flush_contributions()
 
-    def _flush_contributions(self) -> None:
-        """Hand the queued per-backward contribution norms to the sinks: one read for all of them."""
-        if not self._contributions or self._sinks is None:
-            return
+    def _schedule_contributions(self, batch: HostBatch) -> list[tuple[int, list[int], Callable[[], list[float]]]]:
         queued, self._contributions = self._contributions, []
-        values = torch.cat([norms.float().reshape(-1).cpu() for _, _, norms in queued]).tolist()
-        at = 0
-        for backward, indices, _ in queued:
-            self._sinks.call("contributions", backward, indices, values[at : at + len(indices)])
-            at += len(indices)
+        return [(backward, indices, batch.vector(norms)) for backward, indices, norms in queued]
+
+    def _send_contributions(self, scheduled: list[tuple[int, list[int], Callable[[], list[float]]]]) -> None:
+        if self._sinks is not None:
+            for backward, indices, get in scheduled:
+                self._sinks.call("contributions", backward, indices, get())
+
+    def _flush_contributions(self) -> None:
+        """Hand the queued per-backward contribution norms to the sinks (outside a step): one read."""
+        if self._contributions and self._sinks is not None:
+            batch = HostBatch()
+            scheduled = self._schedule_contributions(batch)
+            batch.read()
+            self._send_contributions(scheduled)
 
     def _mark_nonfinite(self, indices: list[int]) -> None:
         ledger = self.ledger
@@ -337,15 +361,3 @@ def _skipped_by_grad_scaler(optimizer: torch.optim.Optimizer) -> bool:
     """
     found_inf = getattr(optimizer, "found_inf", None)
     return isinstance(found_inf, torch.Tensor) and bool(found_inf.item())
-
-
-def _update_norms(
-    params: list[tuple[int, torch.Tensor]], before: list[torch.Tensor]
-) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, ...]]:
-    """(indices, ||w_after - w_before||, ||w_after||) per parameter, batched, read back once."""
-    with torch.no_grad():
-        after = [p.detach() for _, p in params]
-        deltas = torch._foreach_sub(after, before)
-        update_norms = host_norms(deltas)
-        weight_norms = host_norms(after)
-    return tuple(i for i, _ in params), tuple(update_norms), tuple(weight_norms)
