@@ -36,12 +36,15 @@ def render(events: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> An
     styles = {"backward": ("tab:blue", "o"), "step": ("tab:green", "s"), "clear": ("tab:gray", "v")}
     x_of_backward: dict[int, int] = {}
     x_of_step: dict[tuple[int, int], int] = {}
+    x_of_clear: dict[int, int] = {}
     for x, e in enumerate(lifecycle):
         kind = e["event"]
         color, marker = styles[kind]
         ax.scatter([x], [LANES[kind]], color=color, marker=marker, s=36, zorder=3)
         if kind == "backward":
             x_of_backward.setdefault(e["backward"], x)
+        elif kind == "clear":
+            x_of_clear.setdefault(e["backward"], x)
         elif kind == "step":
             x_of_step.setdefault((e["optimizer"], e["step"]), x)
             ax.annotate(
@@ -55,9 +58,13 @@ def render(events: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> An
             )
     for f in findings:
         lane = LANE_OF_KIND.get(f["kind"], "step")
-        x = x_of_backward.get(f["backward"], len(lifecycle) - 1) if lane != "step" else None
-        if x is None:
-            x = min((v for (o, s), v in x_of_step.items() if s == f["step"]), default=len(lifecycle) - 1)
+        last = len(lifecycle) - 1
+        if lane == "clear":  # the clear made when this many backward passes had run
+            x = x_of_clear.get(f["backward"], last)
+        elif lane == "backward":
+            x = x_of_backward.get(f["backward"], last)
+        else:
+            x = min((v for (_, s), v in x_of_step.items() if s == f["step"]), default=last)
         ax.scatter([x], [LANES[lane]], facecolors="none", edgecolors="tab:red", s=220, linewidths=2, zorder=4)
         ax.annotate(
             f["kind"], (x, LANES[lane]), textcoords="offset points", xytext=(4, -16), fontsize=8, color="tab:red"
