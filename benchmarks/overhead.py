@@ -1,0 +1,279 @@
+"""gradwatch overhead against the bare training loop (a script, not a test).
+
+Variants run round-robin in one process (rotated each round, same seeds), so machine drift hits them alike;
+each round's time per optimizer step is divided by the bare loop's of the same round, and the table shows
+medians. Peak RSS is measured in a child process per variant (a 20,000-step `seed` run by default).
+
+    python benchmarks/overhead.py                       # all workloads, 7 rounds
+    python benchmarks/overhead.py --workloads seed mlp --rounds 3 --json out.json
+    python benchmarks/overhead.py --quick               # one tiny round of everything (CI smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import gradwatch
+
+
+@dataclass
+class Workload:
+    build: Callable[[], tuple[torch.nn.Module, torch.optim.Optimizer, Callable[[torch.nn.Module], torch.Tensor]]]
+    accumulation: int
+    steps: int  # optimizer steps timed per round
+
+
+def _seed():
+    model = torch.nn.Linear(10, 1)
+    x, y = torch.randn(4, 10), torch.randn(4, 1)
+    return model, torch.optim.SGD(model.parameters(), lr=0.01), lambda m: torch.nn.functional.mse_loss(m(x), y)
+
+
+def _mlp():
+    layers: list[torch.nn.Module] = []
+    for _ in range(4):
+        layers += [torch.nn.Linear(1024, 1024), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers)
+    x = torch.randn(64, 1024)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-4), lambda m: m(x).pow(2).mean()
+
+
+class _Transformer(torch.nn.Module):
+    def __init__(self, vocab: int = 1000, d: int = 256) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, d)
+        layer = torch.nn.TransformerEncoderLayer(d, 4, 1024, dropout=0.0, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 6, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(d, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(tokens)))
+
+
+def _transformer():
+    model = _Transformer()
+    tokens = torch.randint(0, 1000, (8, 128))
+
+    def loss(m):
+        return torch.nn.functional.cross_entropy(m(tokens).reshape(-1, 1000), tokens.reshape(-1))
+
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4), loss
+
+
+def _many_params():
+    blocks: list[torch.nn.Module] = []
+    for _ in range(250):
+        blocks += [torch.nn.Linear(32, 32), torch.nn.LayerNorm(32)]
+    model = torch.nn.Sequential(*blocks)
+    x = torch.randn(16, 32)
+    return model, torch.optim.SGD(model.parameters(), lr=1e-3), lambda m: m(x).pow(2).mean()
+
+
+WORKLOADS = {
+    "seed": Workload(_seed, 2, 400),
+    "mlp": Workload(_mlp, 4, 6),
+    "transformer": Workload(_transformer, 4, 2),
+    "many-params": Workload(_many_params, 4, 10),
+}
+
+
+# -- variants: each returns a context manager around the timed loop --------------------------------------
+@contextlib.contextmanager
+def bare(model, opt, accumulation):
+    yield
+
+
+@contextlib.contextmanager
+def floor(model, opt, accumulation):
+    """The cheapest possible per-parameter instrumentation: one counter per post-accumulate hook."""
+    count = [0]
+
+    def hook(param):
+        count[0] += 1
+
+    handles = [p.register_post_accumulate_grad_hook(hook) for p in model.parameters() if p.requires_grad]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def detect(model, opt, accumulation):
+    with gradwatch.watch(model, opt, accumulation_steps=accumulation, on_finding="record"):
+        yield
+
+
+@contextlib.contextmanager
+def tensorboard(model, opt, accumulation):
+    with (
+        tempfile.TemporaryDirectory() as logdir,
+        gradwatch.watch(model, opt, accumulation_steps=accumulation, logdir=logdir, on_finding="record"),
+    ):
+        yield
+
+
+@contextlib.contextmanager
+def histogram_peer(model, opt, accumulation):
+    """What users write today: SummaryWriter.add_histogram of every gradient at every step."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with tempfile.TemporaryDirectory() as logdir:
+        writer = SummaryWriter(logdir)
+        names = {p: n for n, p in model.named_parameters()}
+        state = {"step": 0}
+
+        def log(optimizer, args, kwargs):
+            for p in names:
+                if p.grad is not None:
+                    writer.add_histogram(f"grad/{names[p]}", p.grad, state["step"])
+            state["step"] += 1
+
+        handle = opt.register_step_pre_hook(log)
+        try:
+            yield
+        finally:
+            handle.remove()
+            writer.close()
+
+
+@contextlib.contextmanager
+def wandb_peer(model, opt, accumulation):
+    import wandb  # only listed when installed
+
+    os.environ.setdefault("WANDB_MODE", "offline")
+    with tempfile.TemporaryDirectory() as d:
+        run = wandb.init(dir=d, mode="offline", reinit=True)
+        wandb.watch(model, log="gradients", log_freq=100)
+        try:
+            yield
+        finally:
+            wandb.unwatch(model)
+            run.finish()
+
+
+VARIANTS: dict[str, Callable] = {
+    "bare": bare,
+    "floor": floor,
+    "detect": detect,
+    "tensorboard": tensorboard,
+    "add_histogram-peer": histogram_peer,
+}
+try:
+    import wandb  # noqa: F401
+
+    VARIANTS["wandb-peer"] = wandb_peer
+except ImportError:
+    pass
+
+
+def _train(model, opt, loss_of, accumulation: int, steps: int) -> None:
+    opt.zero_grad()
+    for _ in range(steps):
+        for _ in range(accumulation):
+            (loss_of(model) / accumulation).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def time_variant(workload: Workload, variant: Callable, steps: int) -> float:
+    """Seconds per optimizer step of one variant, on a fresh model with fixed seeds."""
+    torch.manual_seed(0)
+    model, opt, loss_of = workload.build()
+    _train(model, opt, loss_of, workload.accumulation, 2)  # warm-up, outside the instrumentation
+    with variant(model, opt, workload.accumulation):
+        _train(model, opt, loss_of, workload.accumulation, 1)  # warm the hooks
+        start = time.perf_counter()
+        _train(model, opt, loss_of, workload.accumulation, steps)
+        return (time.perf_counter() - start) / steps
+
+
+def peak_rss_mb(variant: str, steps: int) -> float:
+    """Peak RSS of a child process running ``steps`` optimizer steps of ``seed`` under ``variant``."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (
+        f"import resource, sys; sys.path.insert(0, {here!r}); import overhead as b; "
+        f"w = b.WORKLOADS['seed']; b.time_variant(w, b.VARIANTS[{variant!r}], {steps}); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=1800)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--memory-steps", type=int, default=20000, help="0 skips the peak-RSS measurement")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--quick", action="store_true", help="one tiny round of everything (a smoke test)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rounds, scale = (1, 0) if args.quick else (args.rounds, 1)
+    memory_steps = 50 if args.quick else args.memory_steps
+    variants = ["bare", *[v for v in args.variants if v != "bare"]]
+
+    results: dict = {
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+        },
+        "workloads": {},
+    }
+    print(f"gradwatch {gradwatch.__version__} overhead, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name in args.workloads:
+        workload = WORKLOADS[name]
+        steps = max(1, workload.steps * scale)
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        for r in range(rounds):
+            order = variants[r % len(variants) :] + variants[: r % len(variants)]
+            for v in order:
+                times[v].append(time_variant(workload, VARIANTS[v], steps))
+        rows = {}
+        for v in variants:
+            ratios = [t / b for t, b in zip(times[v], times["bare"], strict=True)]
+            rows[v] = {"seconds_per_step": statistics.median(times[v]), "ratio_to_bare": statistics.median(ratios)}
+        floor_over = rows.get("floor", {}).get("seconds_per_step", 0) - rows["bare"]["seconds_per_step"]
+        results["workloads"][name] = rows
+        print(f"\n{name} (accumulation {workload.accumulation}, {rounds} rounds x {steps} steps)")
+        print(f"  {'variant':<20} {'s/step':>12} {'x bare':>8} {'us/step over bare':>18} {'x floor overhead':>17}")
+        for v, row in rows.items():
+            over = row["seconds_per_step"] - rows["bare"]["seconds_per_step"]
+            vs_floor = f"{over / floor_over:17.2f}" if v not in ("bare", "floor") and floor_over > 0 else " " * 17
+            print(
+                f"  {v:<20} {row['seconds_per_step']:12.6f} {row['ratio_to_bare']:8.3f} {over * 1e6:18.1f} {vs_floor}"
+            )
+    if memory_steps:
+        results["peak_rss_mb"] = {}
+        print(f"\npeak RSS, seed, {memory_steps} steps in a child process")
+        for v in variants:
+            results["peak_rss_mb"][v] = rss = peak_rss_mb(v, memory_steps)
+            print(f"  {v:<20} {rss:8.1f} MB  ({rss - results['peak_rss_mb']['bare']:+.1f} MB vs bare)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
