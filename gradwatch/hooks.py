@@ -33,6 +33,8 @@ class Receiver(Protocol):
     def on_module_cleared(self, module: torch.nn.Module) -> None: ...
     def internal_error(self, error: BaseException, where: str) -> None: ...
 
+    measuring_contributions: bool  # whether the tensor pre-hooks measure incoming gradients now
+
 
 def _guard(receiver: Receiver, where: str, call: Callable[..., None], *args: Any) -> None:
     """Run a receiver call; only GradientBugError (on_finding="raise") may reach the training loop."""
@@ -62,7 +64,7 @@ class BackwardGrouper:
 
     def record_incoming(self, index: int, grad: torch.Tensor | None) -> None:
         """Tensor pre-hook: the norm of the gradient about to be accumulated (kept on the device, not the grad)."""
-        if grad is not None and grad.layout is torch.strided:
+        if grad is not None and self._receiver.measuring_contributions and grad.layout is torch.strided:
             with torch.no_grad():
                 self.incoming[index] = torch.linalg.vector_norm(grad)
 

@@ -52,6 +52,7 @@ class Tracker:
         self._contributions: list[tuple[int, list[int], torch.Tensor]] = []  # per backward, read at the step
         self._emit = emit
         self._sinks = sinks if sinks else None
+        self.measuring_contributions = bool(sinks) and sinks.contributions_due(0)  # type: ignore[union-attr]
         self._on_internal_error = on_internal_error
         self.stopped = False
 
@@ -200,6 +201,7 @@ class Tracker:
         if sinks.histogram_due(step):
             record = replace(record, grads={i: p.grad for i, p in consumed if p.grad is not None})
         sinks.call("step", record)
+        self.measuring_contributions = sinks.contributions_due(max(ledger.steps))
         return out
 
     def before_optimizer_clear(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import gan, gan_iteration, mse, reference_data, reference_model, watch
+from helpers import gan, gan_iteration, mse, reference_data, reference_loop, reference_model, watch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import gradwatch
@@ -171,7 +171,8 @@ def test_contribution_norms_per_backward_pass(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(10, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     expected = {"0.weight": [], "2.bias": []}
-    with watch(model, opt, accumulation_steps=ACC, logdir=tmp_path):
+    options = gradwatch.TensorBoardOptions(contribution_every=1)
+    with watch(model, opt, accumulation_steps=ACC, logdir=tmp_path, tensorboard=options):
         opt.zero_grad()
         for i, (x, y) in enumerate(reference_data()):
             before = {n: (p.grad.clone() if p.grad is not None else 0) for n, p in model.named_parameters()}
@@ -187,3 +188,23 @@ def test_contribution_norms_per_backward_pass(tmp_path):
         logged = _scalars(acc, f"contribution_norm/{name}")
         assert [b for b, _ in logged] == list(range(8))  # x axis: the backward pass
         assert [v for _, v in logged] == pytest.approx(norms, rel=1e-5)
+
+
+def test_contribution_norms_default_to_every_tenth_window(tmp_path):
+    model, opt = reference_model()
+    with watch(model, opt, accumulation_steps=ACC, logdir=tmp_path):
+        reference_loop(model, opt, reference_data(n_batches=24))  # 12 steps
+    logged = _scalars(_events(tmp_path), "contribution_norm/weight")
+    assert [b for b, _ in logged] == [0, 1, 20, 21]  # the windows of steps 0 and 10
+
+
+def test_group_choice():
+    from gradwatch.sinks.tensorboard import choose_groups
+
+    names = [f"blocks.{i}.{kind}" for i in range(100) for kind in ("weight", "bias")]
+    assert choose_groups(names[:20], "auto") == names[:20]
+    assert choose_groups(names[:80], "auto") == [n.rsplit(".", 1)[0] for n in names[:80]]
+    ranges = choose_groups(names, "auto")  # 100 layers: 32 contiguous ranges
+    assert len(set(ranges)) == 25 and ranges[0] == ranges[7] == "blocks.0..blocks.3"
+    assert choose_groups(names, "layer")[-1] == "blocks.99"
+    assert choose_groups(names[:80], "param") == names[:80]

@@ -67,6 +67,9 @@ class Sinks:
     def update_ratio_due(self, step: int) -> bool:
         return any(getattr(s, "update_ratio_due", lambda _: False)(step) for s in self._sinks)
 
+    def contributions_due(self, step: int) -> bool:
+        return any(getattr(s, "contributions_due", lambda _: False)(step) for s in self._sinks)
+
     def histogram_due(self, step: int) -> bool:
         return any(getattr(s, "histogram_due", lambda _: False)(step) for s in self._sinks)
 

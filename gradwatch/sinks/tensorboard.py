@@ -15,25 +15,31 @@ from . import RunInfo, StepRecord
 
 TIMELINE_NAME = "gradwatch-timeline.png"
 PER_PARAM_LIMIT = 32  # above this many parameters, gradient norms are logged per layer
+PER_LAYER_LIMIT = 64  # above this many layers, per contiguous range of layers
+RANGES = 32
 
 
 @dataclass(frozen=True)
 class TensorBoardOptions:
     """What the TensorBoard stream holds besides the lifecycle and the gradient norms.
 
-    ``group_by``: "auto" (per parameter up to 32 parameters, else per layer), "param" or "layer".
+    ``group_by``: "auto" (per parameter up to 32 parameters, else per layer up to 64 layers, else 32
+    contiguous ranges of layers), "param" or "layer".
     ``update_ratio_every``: log ||dw|| / ||w|| per layer every N optimizer steps (0: never); it copies the
-    weights before those steps. ``histogram_every``: gradient histograms per layer every N steps (0: never).
+    weights before those steps. ``contribution_every``: log the norm of each backward pass's contribution
+    during the window of every N-th step (0: never). ``histogram_every``: gradient histograms per layer every
+    N steps (0: never).
     """
 
     group_by: str = "auto"
-    update_ratio_every: int = 1
+    update_ratio_every: int = 10
+    contribution_every: int = 10
     histogram_every: int = 50
 
     def __post_init__(self) -> None:
         if self.group_by not in ("auto", "param", "layer"):
             raise ValueError(f"group_by must be 'auto', 'param' or 'layer', got {self.group_by!r}")
-        for name in ("update_ratio_every", "histogram_every"):
+        for name in ("update_ratio_every", "contribution_every", "histogram_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0 (0 turns it off), got {value!r}")
@@ -65,9 +71,8 @@ class TensorBoardSink:
         self._findings: list[Finding] = []
 
     def started(self, info: RunInfo) -> None:
-        per_param = self._group_by == "param" or (self._group_by == "auto" and len(info.params) <= PER_PARAM_LIMIT)
         self._names = list(info.params)
-        self._groups = list(info.params) if per_param else [layer_of(n) for n in info.params]
+        self._groups = choose_groups(self._names, self._group_by)
         self._n_optimizers = len(info.optimizers)
         self._writer.add_custom_scalars(
             {
@@ -87,6 +92,10 @@ class TensorBoardSink:
 
     def update_ratio_due(self, step: int) -> bool:
         every = self._options.update_ratio_every
+        return every > 0 and step % every == 0
+
+    def contributions_due(self, step: int) -> bool:
+        every = self._options.contribution_every
         return every > 0 and step % every == 0
 
     def histogram_due(self, step: int) -> bool:
@@ -162,6 +171,23 @@ class TensorBoardSink:
 
     def abandon(self) -> None:
         self._writer.close()
+
+
+def choose_groups(names: Sequence[str], group_by: str) -> list[str]:
+    """The group each parameter's norms are logged under (see ``TensorBoardOptions.group_by``)."""
+    if group_by == "param" or (group_by == "auto" and len(names) <= PER_PARAM_LIMIT):
+        return list(names)
+    layers = [layer_of(n) for n in names]
+    distinct = list(dict.fromkeys(layers))
+    if group_by == "layer" or len(distinct) <= PER_LAYER_LIMIT:
+        return layers
+    size = -(-len(distinct) // RANGES)  # ceil: contiguous ranges of layers, in model order
+    range_of = {}
+    for start in range(0, len(distinct), size):
+        chunk = distinct[start : start + size]
+        for layer in chunk:
+            range_of[layer] = f"{chunk[0]}..{chunk[-1]}" if len(chunk) > 1 else chunk[0]
+    return [range_of[layer] for layer in layers]
 
 
 def findings_table(findings: Sequence[Finding]) -> str:
