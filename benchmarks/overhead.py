@@ -202,16 +202,36 @@ def time_variant(workload: Workload, variant: Callable, steps: int) -> float:
         return (time.perf_counter() - start) / steps
 
 
+def _high_water_mark_mb() -> float:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def child_peak_rss_mb(variant: str, steps: int) -> float:
+    """In this process: peak RSS while ``seed`` runs ``steps`` optimizer steps under ``variant``.
+
+    The kernel's high-water mark is reset after the warm-up (imports and set-up peak higher than a small loop).
+    """
+    workload = WORKLOADS["seed"]
+    torch.manual_seed(0)
+    model, opt, loss_of = workload.build()
+    _train(model, opt, loss_of, workload.accumulation, 2)
+    with VARIANTS[variant](model, opt, workload.accumulation):
+        _train(model, opt, loss_of, workload.accumulation, 2)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _train(model, opt, loss_of, workload.accumulation, steps)
+        return _high_water_mark_mb()
+
+
 def peak_rss_mb(variant: str, steps: int) -> float:
     """Peak RSS of a child process running ``steps`` optimizer steps of ``seed`` under ``variant``."""
     here = os.path.dirname(os.path.abspath(__file__))
-    code = (
-        f"import resource, sys; sys.path.insert(0, {here!r}); import overhead as b; "
-        f"w = b.WORKLOADS['seed']; b.time_variant(w, b.VARIANTS[{variant!r}], {steps}); "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    )
+    code = f"import sys; sys.path.insert(0, {here!r}); import overhead; "
+    code += f"print(overhead.child_peak_rss_mb({variant!r}, {steps}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=1800)
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> dict:
