@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,12 +17,15 @@ demo: $(STAMP)
 	-$(PY) -m gradwatch demo --bug missing-zero-grad --logdir runs/gradwatch-demo-bug
 
 test: $(STAMP)
-	$(PY) -m ruff check gradwatch tests examples
+	$(PY) -m ruff check gradwatch tests examples benchmarks
 	$(PY) -m pytest
 
+bench: $(STAMP)
+	$(PY) benchmarks/overhead.py --json benchmarks/results.json
+
 lint: $(STAMP)
-	$(PY) -m ruff check gradwatch tests examples
-	$(PY) -m ruff format --check gradwatch tests examples
+	$(PY) -m ruff check gradwatch tests examples benchmarks
+	$(PY) -m ruff format --check gradwatch tests examples benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -66,21 +66,6 @@ class FiniteChecks:
         return found
 
 
-def _to_host_values(scalars: list[torch.Tensor]) -> list[float]:
-    """Read scalar device tensors: one transfer per device."""
-    if len(scalars) == 1:
-        return [scalars[0].item()]
-    by_device: dict[torch.device, list[int]] = {}
-    for pos, t in enumerate(scalars):
-        by_device.setdefault(t.device, []).append(pos)
-    values = [0.0] * len(scalars)
-    for positions in by_device.values():
-        stacked = torch.stack([scalars[p].float() for p in positions]).tolist()
-        for pos, value in zip(positions, stacked, strict=True):
-            values[pos] = value
-    return values
-
-
 def _to_host(flags: list[torch.Tensor]) -> list[bool]:
     """Read scalar device flags, in order, with one transfer per device."""
     by_device: dict[torch.device, list[int]] = {}
@@ -98,15 +83,31 @@ def nonfinite_positions(tensors: Sequence[torch.Tensor]) -> list[int]:
 
     The sum of the norms is finite exactly when every norm is (an overflowing sum only costs the detailed look).
     """
-    groups = norms_by_group(tensors)
-    totals = [norms.sum() for _, norms in groups]
-    if not totals or all(math.isfinite(t) for t in _to_host_values(totals)):
+    groups = _foreach_norms(tensors)
+    if all(_all_finite(norms) for _, norms in groups):
         return []
     bad = []
     for positions, norms in groups:
-        finite = torch.isfinite(norms).tolist()
+        finite = [math.isfinite(n) for n in _values(norms)]
         bad.extend(p for p, ok in zip(positions, finite, strict=True) if not ok)
     return bad
+
+
+def _foreach_norms(tensors: Sequence[torch.Tensor]) -> list[tuple[list[int], list[torch.Tensor]]]:
+    """(positions, unstacked 0-d norms) per device/dtype group."""
+    with torch.no_grad():
+        return [(pos, torch._foreach_norm([tensors[p] for p in pos])) for pos in _groups(tensors).values()]
+
+
+def _all_finite(norms: list[torch.Tensor]) -> bool:
+    """On the CPU, reading a few scalars beats stacking them; elsewhere one summed value is one transfer."""
+    if norms[0].device.type == "cpu" and len(norms) <= 64:
+        return all(math.isfinite(n.item()) for n in norms)
+    return math.isfinite(torch.stack(norms).sum().item())
+
+
+def _values(norms: list[torch.Tensor]) -> list[float]:
+    return torch.stack(norms).float().tolist()
 
 
 class HostBatch:
