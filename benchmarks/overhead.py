@@ -84,8 +84,8 @@ def _many_params():
 
 WORKLOADS = {
     "seed": Workload(_seed, 2, 400),
-    "mlp": Workload(_mlp, 4, 6),
-    "transformer": Workload(_transformer, 4, 2),
+    "mlp": Workload(_mlp, 4, 20),
+    "transformer": Workload(_transformer, 4, 4),
     "many-params": Workload(_many_params, 4, 10),
 }
 
