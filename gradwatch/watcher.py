@@ -134,6 +134,13 @@ class Watcher:
         state = "attached" if self._attached else "detached"
         return f"<gradwatch.Watcher {state}: {self._n_params} parameters, {len(self._log.findings)} findings>"
 
+    def _accumulation_steps(self) -> int | None:
+        return self._tracker.ledger.accumulation_steps
+
+    def _tolerate_short_windows(self) -> None:
+        """For frameworks that step on an epoch's shorter last window (Lightning): stop checking window sizes."""
+        self._tracker.ledger.accumulation_steps = None
+
     def _finding_to_sinks(self, finding: Finding) -> None:
         self._sinks.call("finding", finding)
 

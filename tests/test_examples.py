@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -40,3 +42,17 @@ def test_pytest_suite_example_catches_the_missing_zero_grad():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed, 1 xfailed" in result.stdout
+
+
+def test_transformer_amp_clipping_example_is_clean():
+    result = _run("transformer_amp_clipping.py")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no findings" in result.stdout
+    assert "optimizer steps taken: 5 of 6" in result.stdout  # the spike's step was skipped, and that is fine
+
+
+def test_lightning_example_is_clean():
+    pytest.importorskip("pytorch_lightning")
+    result = _run("lightning_fit.py")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no findings" in result.stdout

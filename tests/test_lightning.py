@@ -1,0 +1,79 @@
+"""GradwatchCallback on a real (tiny, CPU) Lightning fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pl = pytest.importorskip("pytorch_lightning")
+from gradwatch.integrations.lightning import GradwatchCallback  # noqa: E402
+
+
+class Regressor(pl.LightningModule):
+    def __init__(self, manual_bug: bool = False) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(10, 1)
+        self.manual_bug = manual_bug
+        self.automatic_optimization = not manual_bug
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.layer(x), y)
+        if self.manual_bug:
+            opt = self.optimizers()
+            self.manual_backward(loss)
+            opt.step()  # BUG: opt.zero_grad() is missing
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _fit(tmp_path, module, batches=8, accumulate=2, **callback_kwargs):
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(4 * batches, 10), torch.randn(4 * batches, 1))
+    callback = GradwatchCallback(**callback_kwargs)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accumulate_grad_batches=accumulate,
+        accelerator="cpu",
+        devices=1,
+        logger=pl.loggers.TensorBoardLogger(str(tmp_path)),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    return callback.watcher
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:pytorch_lightning")
+def test_clean_fit_with_accumulation(tmp_path):
+    watcher = _fit(tmp_path, Regressor())
+    assert not watcher.attached  # detached in on_fit_end
+    assert watcher.findings == []
+    assert watcher._tracker.ledger.steps == [8]  # 2 epochs x 8 batches / 2
+    assert watcher._tracker.ledger.backwards == 16
+    trace = tmp_path / "lightning_logs" / "version_0" / "gradwatch" / "gradwatch-trace.jsonl"
+    assert trace.exists()  # through the trainer's TensorBoard logger
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:pytorch_lightning")
+def test_epoch_ending_on_a_short_window_is_not_a_mismatch(tmp_path):
+    watcher = _fit(tmp_path, Regressor(), batches=7)
+    assert watcher.findings == []
+    assert watcher._tracker.ledger.steps == [8]  # 4 per epoch, the last one on a single batch
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:pytorch_lightning")
+def test_manual_optimization_bug_is_found(tmp_path):
+    watcher = _fit(tmp_path, Regressor(manual_bug=True), accumulate=1, on_finding="record")
+    (finding,) = watcher.findings
+    assert (finding.kind, finding.params, finding.step, finding.backward) == (
+        "uncleared-gradient",
+        ("layer.weight", "layer.bias"),
+        1,
+        1,
+    )
+    assert watcher._accumulation_steps() is None  # manual optimization: no window size to check
