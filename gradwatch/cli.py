@@ -1,4 +1,4 @@
-"""The ``gradwatch`` command: ``demo`` runs the reference loop, ``report`` reads a trace."""
+"""The ``gradwatch`` command: ``demo`` runs the reference loop, ``report`` reads a trace, ``run`` runs a script."""
 
 from __future__ import annotations
 
@@ -41,10 +41,66 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     report.add_argument("path", help="a gradwatch-trace.jsonl file, or the logdir of a watch")
 
+    run = commands.add_parser(
+        "run",
+        help="run an unmodified training script with gradwatch attached",
+        description="Run a Python training script as __main__ with gradwatch attached at its first "
+        "optimizer.step() to every optimizer alive then and the top-level modules holding their parameters "
+        "(found through PyTorch's global module and optimizer hooks). Prints the report at the end. Exit "
+        "status: the script's own, or 1 when it succeeded but an error finding was recorded.",
+    )
+    run.add_argument("--accumulation-steps", type=int, default=None, help="backward passes per step")
+    run.add_argument("--logdir", default=None, help="stream TensorBoard logs and the trace here")
+    run.add_argument("--on-finding", choices=("warn", "raise", "record"), default="warn")
+    run.add_argument("--no-fail", action="store_true", help="keep the script's exit status whatever was found")
+    run.add_argument("script", help="the training script")
+    run.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
+
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(args.bug, args.logdir)
+    if args.command == "run":
+        return _run_script(args)
     return _report(args.path)
+
+
+def _run_script(args: argparse.Namespace) -> int:
+    import runpy
+    import traceback
+
+    from .autoattach import AutoAttach
+
+    if not os.path.isfile(args.script):
+        print(f"gradwatch run: no such script: {args.script!r}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    auto = AutoAttach(accumulation_steps=args.accumulation_steps, logdir=args.logdir, on_finding=args.on_finding)
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    sys.argv = [args.script, *args.script_args]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(args.script)))
+    status = EXIT_CLEAN
+    auto.install()
+    try:
+        runpy.run_path(args.script, run_name="__main__")
+    except SystemExit as exit_:
+        status = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except BaseException:  # the script's own error: show it as Python would, and fail
+        traceback.print_exc()
+        status = EXIT_FINDINGS
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+        try:
+            auto.remove()
+        except Exception as error:  # e.g. on_finding="raise" at the end-of-run checks
+            print(f"gradwatch: {error}", file=sys.stderr)
+    if auto.error is not None:
+        print(f"gradwatch run: could not attach ({auto.error}); the script ran unwatched", file=sys.stderr)
+        return status
+    if auto.watcher is None:
+        print("gradwatch run: the script never called optimizer.step(); nothing was watched", file=sys.stderr)
+        return status
+    print(auto.watcher.report(), file=sys.stderr)
+    errors = any(f.severity == "error" for f in auto.watcher.findings)
+    return EXIT_FINDINGS if status == EXIT_CLEAN and errors and not args.no_fail else status
 
 
 def _demo(bug: str, logdir: str) -> int:

@@ -55,6 +55,7 @@ class Ledger:
         self.uncleared = 0  # parameters whose .grad holds consumed contributions
         self.backwards = 0
         self.clears = 0
+        self.unknown_window: set[int] = set()  # optimizers whose pending window started before the watch
         self.newest_consumed_backward = -1
 
     # -- events ------------------------------------------------------------------------------------
@@ -80,6 +81,17 @@ class Ledger:
         if orphans:
             return [Occurrence(k.ORPHAN, tuple(sorted(orphans)), max(self.steps, default=0), b)]
         return []
+
+    def adopt(self, indices: Iterable[int]) -> None:
+        """Gradients already in ``.grad`` when the watch began: one window of unknown size, not yet consumed."""
+        for i in indices:
+            owner = self.owners[i]
+            if owner == NO_OWNER or self.fresh[i]:
+                continue
+            self.fresh[i] = 1
+            self.received[i] = True
+            self.n_fresh[owner] += 1
+            self.unknown_window.add(owner)
 
     def has_unconsumed(self, indices: Iterable[int]) -> bool:
         """Whether clearing ``indices`` would drop contributions no step consumed."""
@@ -175,7 +187,9 @@ class Ledger:
             first_step, first_b, last_b = min(self.nonfinite_at[i] for i in nonfinite)  # type: ignore[type-var]
             where = f"pass {first_b}" if first_b == last_b else f"passes {first_b}-{last_b} (one of them)"
             out.append(Occurrence(k.NON_FINITE, tuple(nonfinite), first_step, first_b, {"where": where}))
-        if self.accumulation_steps is not None and with_fresh:
+        unknown = opt in self.unknown_window
+        self.unknown_window.discard(opt)
+        if self.accumulation_steps is not None and with_fresh and not unknown:
             window = max(fresh[i] for i in with_fresh)
             if window != self.accumulation_steps:
                 detail = {"window": window, "expected": self.accumulation_steps}

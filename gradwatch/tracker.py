@@ -228,6 +228,17 @@ class Tracker:
             self.stopped = True
             self._on_internal_error(error, where)
 
+    def adopt_existing_gradients(self) -> None:
+        """Attaching mid-run: the gradients already there are one fresh window of unknown size."""
+        adopted = []
+        for i, ref in enumerate(self._params):
+            p = ref()
+            if p is not None and p.grad is not None:
+                self._grad_refs[i] = weakref.ref(p.grad)
+                self._grad_versions[i] = p.grad._version
+                adopted.append(i)
+        self.ledger.adopt(adopted)
+
     # -- end of run --------------------------------------------------------------------------------
     def finish(self) -> None:
         """Run the end-of-run checks."""

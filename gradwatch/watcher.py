@@ -134,6 +134,10 @@ class Watcher:
         state = "attached" if self._attached else "detached"
         return f"<gradwatch.Watcher {state}: {self._n_params} parameters, {len(self._log.findings)} findings>"
 
+    def _adopt_existing_gradients(self) -> None:
+        """For attaching mid-run (``gradwatch run``): count the gradients already there as one open window."""
+        self._tracker.adopt_existing_gradients()
+
     def _accumulation_steps(self) -> int | None:
         return self._tracker.ledger.accumulation_steps
 
