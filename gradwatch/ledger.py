@@ -169,6 +169,9 @@ class Ledger:
         if self.in_step[opt]:  # a subclass whose step() calls super().step(): count the outer one
             return []
         step, b = self.steps[opt], self.backwards
+        if not indices:  # every parameter it holds is booked to another optimizer (overlapping optimizers)
+            self.steps[opt] = step + 1
+            return []
         fresh, consumed = self.fresh, self.consumed
         with_fresh = [i for i in indices if fresh[i]]
         stale = [i for i in indices if consumed[i] and not fresh[i]]

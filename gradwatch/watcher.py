@@ -259,6 +259,7 @@ def _collect(
         params.append(p)
         names.append(name)
     owners = [NO_OWNER] * len(params)
+    shared: dict[int, list[int]] = {}
     for o, opt in enumerate(optimizers):
         in_model = 0
         for g, group in enumerate(opt.param_groups):
@@ -273,9 +274,17 @@ def _collect(
                     in_model += 1
                 if owners[i] == NO_OWNER:
                     owners[i] = o
+                elif owners[i] != o:
+                    shared.setdefault(i, [owners[i]]).append(o)
         if in_model == 0:
             raise ValueError(
                 f"optimizer[{o}] ({type(opt).__name__}) holds none of the model's parameters; "
                 "pass the model whose parameters the optimizer updates"
             )
+    if shared:
+        listing = ", ".join(f"{names[i]} (optimizers {', '.join(map(str, opts))})" for i, opts in shared.items())
+        warn(
+            f"gradwatch: {len(shared)} parameter(s) belong to more than one optimizer: {listing}. Each of their "
+            "gradients is consumed by every one of those steps; gradwatch books them to the first optimizer only."
+        )
     return params, names, owners

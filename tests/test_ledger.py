@@ -127,3 +127,11 @@ def test_consumed_gradient_zeroed_in_place_is_a_clear():
     ledger.step_begin(0)
     assert ledger.step_end(0, [0]) == []
     assert ledger.uncleared == 1  # the new window's gradient, consumed now
+
+
+def test_a_step_of_an_optimizer_booking_no_parameters_is_not_empty():
+    ledger = Ledger([0, 0], 2)  # optimizer 1 holds only parameters booked to optimizer 0
+    ledger.backward([0, 1])
+    ledger.step_begin(1)
+    assert ledger.step_end(1, []) == []
+    assert ledger.steps == [0, 1]

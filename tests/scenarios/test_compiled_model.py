@@ -26,3 +26,29 @@ def test_compiled_model(forget_zero_grad):
         assert (f.params, f.step, f.backward) == (("weight", "bias"), 1, 2)
     else:
         assert kinds(w) == set()
+
+
+def test_hooks_cause_no_recompilation():
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model, opt = reference_model()
+    compiled = torch.compile(model, backend="aot_eager")
+    data = reference_data(16)
+
+    def train(first, last):
+        for i in range(first, last):
+            mse(compiled, *data[i], ACC).backward()
+            if (i + 1) % ACC == 0:
+                opt.step()
+                opt.zero_grad()
+
+    with watch(model, opt, accumulation_steps=ACC) as w:
+        train(0, 4)
+        compiled_after_warm_up = (counters["stats"]["unique_graphs"], counters["frames"]["total"])
+        train(4, 16)  # six more steps, with clears, hooks and findings bookkeeping in between
+        assert (counters["stats"]["unique_graphs"], counters["frames"]["total"]) == compiled_after_warm_up
+    assert compiled_after_warm_up == (1, 1)
+    assert w.findings == []

@@ -1,0 +1,71 @@
+"""Several optimizers and schedulers, foreach and fused implementations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import kinds, mse, reference_data, reference_loop, reference_model, the, watch
+
+from gradwatch import GradientWarning
+
+ACC = 2
+
+
+def test_overlapping_optimizers_warn_once_and_raise_no_false_alarm():
+    model, opt = reference_model()
+    second = torch.optim.SGD(model.parameters(), lr=0.0)  # e.g. a second optimizer over the same weights
+    with pytest.warns(GradientWarning, match=r"2 parameter\(s\) belong to more than one optimizer: weight"):
+        w = watch(model, [opt, second], accumulation_steps=ACC)
+    opt.zero_grad()
+    for i, (x, y) in enumerate(reference_data()):
+        mse(model, x, y, ACC).backward()
+        if (i + 1) % ACC == 0:
+            opt.step()
+            second.step()
+            opt.zero_grad()
+    w.detach()
+    assert w.findings == []
+    assert w._tracker.ledger.steps == [4, 4]
+
+
+def test_lr_scheduler_is_clean():
+    model, opt = reference_model()
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with watch(model, opt, accumulation_steps=ACC) as w:
+        opt.zero_grad()
+        for i, (x, y) in enumerate(reference_data()):
+            mse(model, x, y, ACC).backward()
+            if (i + 1) % ACC == 0:
+                opt.step()
+                scheduler.step()
+                opt.zero_grad()
+    assert w.findings == []
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5**4)
+
+
+IMPLEMENTATIONS = {
+    "sgd-foreach": lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, foreach=True),
+    "sgd-fused": lambda p: torch.optim.SGD(p, lr=0.01, fused=True),
+    "adam-fused": lambda p: torch.optim.Adam(p, lr=1e-3, fused=True),
+    "adamw-for-loop": lambda p: torch.optim.AdamW(p, lr=1e-3, foreach=False),
+}
+
+
+@pytest.mark.parametrize("make", IMPLEMENTATIONS.values(), ids=IMPLEMENTATIONS.keys())
+def test_foreach_and_fused_optimizers(make):
+    model, _ = reference_model()
+    opt = make(model.parameters())
+    with watch(model, opt, accumulation_steps=ACC) as w:
+        reference_loop(model, opt, reference_data())
+    assert w.findings == []
+
+    model, _ = reference_model()
+    opt = make(model.parameters())
+    with watch(model, opt, accumulation_steps=ACC) as w:
+        opt.zero_grad()
+        for i, (x, y) in enumerate(reference_data()):
+            mse(model, x, y, ACC).backward()
+            if (i + 1) % ACC == 0:
+                opt.step()  # missing zero_grad
+    assert kinds(w) == {"uncleared-gradient"}
+    assert the(w, "uncleared-gradient").step == 1
