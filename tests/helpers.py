@@ -19,8 +19,8 @@ def reference_model(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimiz
     return model, torch.optim.SGD(model.parameters(), lr=0.01)
 
 
-def reference_loop(model, optimizer, data, accumulation_steps: int = 2) -> None:
-    """The loop of shared/reference_loop.py, without the prints."""
+def reference_loop(model, optimizer, data, accumulation_steps: int = 2, zero_grad: bool = True) -> None:
+    """The loop of shared/reference_loop.py, without the prints; ``zero_grad=False`` plants the classic bug."""
     criterion = torch.nn.MSELoss()
     optimizer.zero_grad()
     for i, (inputs, labels) in enumerate(data):
@@ -28,7 +28,8 @@ def reference_loop(model, optimizer, data, accumulation_steps: int = 2) -> None:
         loss.backward()
         if (i + 1) % accumulation_steps == 0:
             optimizer.step()
-            optimizer.zero_grad()
+            if zero_grad:
+                optimizer.zero_grad()
 
 
 def watch(model, optimizer, **kwargs) -> Watcher:

@@ -15,11 +15,7 @@ ACC = 2
 def test_missing_zero_grad(accumulation_steps):
     model, opt = reference_model()
     with watch(model, opt, accumulation_steps=accumulation_steps) as w:
-        opt.zero_grad()
-        for i, (x, y) in enumerate(reference_data()):
-            mse(model, x, y, ACC).backward()
-            if (i + 1) % ACC == 0:
-                opt.step()  # no zero_grad after it
+        reference_loop(model, opt, reference_data(), ACC, zero_grad=False)  # no zero_grad after step
     f = the(w, "uncleared-gradient")
     assert kinds(w) == {"uncleared-gradient"}
     assert f.params == ("weight", "bias")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import kinds, mse, reference_data, reference_model, the, watch
+from helpers import kinds, mse, reference_data, reference_loop, reference_model, the, watch
 
 ACC = 2
 
@@ -14,13 +14,7 @@ def test_compiled_model(forget_zero_grad):
     model, opt = reference_model()
     compiled = torch.compile(model, backend="aot_eager")  # inductor needs a C++ toolchain; aot_eager does not
     with watch(model, opt, accumulation_steps=ACC) as w:
-        opt.zero_grad()
-        for i, (x, y) in enumerate(reference_data()):
-            mse(compiled, x, y, ACC).backward()
-            if (i + 1) % ACC == 0:
-                opt.step()
-                if not forget_zero_grad:
-                    opt.zero_grad()
+        reference_loop(compiled, opt, reference_data(), ACC, zero_grad=not forget_zero_grad)
     if forget_zero_grad:
         f = the(w, "uncleared-gradient")
         assert (f.params, f.step, f.backward) == (("weight", "bias"), 1, 2)

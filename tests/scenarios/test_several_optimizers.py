@@ -62,10 +62,6 @@ def test_foreach_and_fused_optimizers(make):
     model, _ = reference_model()
     opt = make(model.parameters())
     with watch(model, opt, accumulation_steps=ACC) as w:
-        opt.zero_grad()
-        for i, (x, y) in enumerate(reference_data()):
-            mse(model, x, y, ACC).backward()
-            if (i + 1) % ACC == 0:
-                opt.step()  # missing zero_grad
+        reference_loop(model, opt, reference_data(), zero_grad=False)
     assert kinds(w) == {"uncleared-gradient"}
     assert the(w, "uncleared-gradient").step == 1
