@@ -233,7 +233,3 @@ class Ledger:
         if unused:
             out.append(Occurrence(k.UNUSED, tuple(unused), max(self.steps), self.backwards))
         return out
-
-    def total_steps(self) -> int:
-        """Optimizer steps completed, all optimizers together."""
-        return sum(self.steps)

@@ -20,12 +20,7 @@ def _groups(tensors: Sequence[torch.Tensor]) -> dict[tuple[torch.device, torch.d
 
 def norms_by_group(tensors: Sequence[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
     """(positions, stacked 2-norms) per device/dtype group: one ``_foreach_norm`` per group, no sync."""
-    out = []
-    with torch.no_grad():
-        for positions in _groups(tensors).values():
-            norms = torch._foreach_norm([tensors[p] for p in positions])
-            out.append((positions, torch.stack(norms)))
-    return out
+    return [(positions, torch.stack(norms)) for positions, norms in _foreach_norms(tensors)]
 
 
 @dataclass
@@ -68,21 +63,14 @@ class FiniteChecks:
 
 def _to_host(flags: list[torch.Tensor]) -> list[bool]:
     """Read scalar device flags, in order, with one transfer per device."""
-    by_device: dict[torch.device, list[int]] = {}
-    for pos, f in enumerate(flags):
-        by_device.setdefault(f.device, []).append(pos)
-    values = [False] * len(flags)
-    for positions in by_device.values():
-        for pos, value in zip(positions, torch.stack([flags[p] for p in positions]).tolist(), strict=True):
-            values[pos] = bool(value)
-    return values
+    batch = HostBatch()
+    getters = [batch.vector(f) for f in flags]
+    batch.read()
+    return [bool(get()[0]) for get in getters]
 
 
 def nonfinite_positions(tensors: Sequence[torch.Tensor]) -> list[int]:
-    """Positions of the tensors holding NaN or Inf: one batched pass, one read (more only if some are bad).
-
-    The sum of the norms is finite exactly when every norm is (an overflowing sum only costs the detailed look).
-    """
+    """Positions of the tensors holding NaN or Inf: one batched pass, one read (more only if some are bad)."""
     groups = _foreach_norms(tensors)
     if all(_all_finite(norms) for _, norms in groups):
         return []
@@ -100,7 +88,10 @@ def _foreach_norms(tensors: Sequence[torch.Tensor]) -> list[tuple[list[int], lis
 
 
 def _all_finite(norms: list[torch.Tensor]) -> bool:
-    """On the CPU, reading a few scalars beats stacking them; elsewhere one summed value is one transfer."""
+    """On the CPU, reading a few scalars beats stacking them; elsewhere one summed value is one transfer.
+
+    The sum of the norms is finite exactly when every norm is (an overflowing sum only costs the detailed look).
+    """
     if norms[0].device.type == "cpu" and len(norms) <= 64:
         return all(math.isfinite(n.item()) for n in norms)
     return math.isfinite(torch.stack(norms).sum().item())
@@ -153,14 +144,6 @@ class HostBatch:
             for s in slots:
                 n = self._parts[s].numel()
                 self._values[s], at = flat[at : at + n], at + n
-
-
-def host_norms(tensors: Sequence[torch.Tensor | None]) -> list[float]:
-    """2-norm of each tensor (0.0 for None or sparse), batched per group and read back in one transfer."""
-    batch = HostBatch()
-    get = batch.norms(tensors)
-    batch.read()
-    return get()
 
 
 def zero_flags(grads: Sequence[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
