@@ -1,9 +1,10 @@
 """Reads what the hooks saw on the tensors and turns it into ledger events.
 
 Host-side facts (is ``.grad`` None, the same object, a new version) are free and checked as events
-arrive. Values are read only to confirm a suspicion: NaN/Inf checks are queued on the device after each
-backward pass and read when a step or a clear needs them; "was this consumed gradient zeroed in place?"
-is computed on the device when a backward pass starts and read only if a step is about to be accused.
+arrive. Values are read only when needed: NaN/Inf once per optimizer step over the gradients it consumes
+(or, with ``finite_check="backward"``, queued on the device after each backward pass and read at the step),
+and before a clear that would drop unconsumed gradients; "was this consumed gradient zeroed in place?" is
+computed on the device when a backward pass starts and read only if a step is about to be accused.
 """
 
 from __future__ import annotations
@@ -181,18 +182,15 @@ class Tracker:
             with torch.no_grad():
                 after = [p.detach() for _, p in params]
                 updates = batch.norms(torch._foreach_sub(after, before)), batch.norms(after)
-        if self._check_every_backward and len(self._finite):
-            self._read_finite_checks()
         batch.read()
         self._send_contributions(contributions)
-        norms = grad_norms() if grad_norms is not None else []
-        if norms and not self._check_every_backward:
-            self._mark_nonfinite([i for (i, _), n in zip(consumed, norms, strict=True) if not math.isfinite(n)])
-        elif grad_norms is None:
-            self._check_finite(consumed)
+        norms = grad_norms() if grad_norms is not None else None
+        self._check_finite(consumed, norms)
         step, window = ledger.steps[opt_index], max((ledger.fresh[i] for i, _ in consumed), default=0)
         out = ledger.step_end(opt_index, [i for i, _ in params])
-        record = StepRecord(opt_index, step, ledger.backwards, window, tuple(i for i, _ in consumed), tuple(norms))
+        record = StepRecord(
+            opt_index, step, ledger.backwards, window, tuple(i for i, _ in consumed), tuple(norms or ())
+        )
         if updates is not None:
             updated = tuple(i for i, _ in params)
             record = replace(
@@ -285,11 +283,15 @@ class Tracker:
                 params.append((i, p))
         return params
 
-    def _check_finite(self, params: list[tuple[int, torch.Tensor]]) -> None:
-        """Mark the fresh gradients holding NaN/Inf: queued per-backward checks, or one batched check now."""
+    def _check_finite(self, params: list[tuple[int, torch.Tensor]], norms: list[float] | None = None) -> None:
+        """Mark the fresh gradients holding NaN/Inf: queued per-backward checks, or one batched check now
+        (``norms``: their gradient norms, when the caller has already read them)."""
         if self._check_every_backward:
             if len(self._finite):
                 self._read_finite_checks()
+            return
+        if norms is not None:
+            self._mark_nonfinite([i for (i, _), n in zip(params, norms, strict=True) if not math.isfinite(n)])
             return
         present = [(i, p.grad) for i, p in params if p.grad is not None]
         bad = nonfinite_positions([g for _, g in present])  # type: ignore[misc]
