@@ -65,8 +65,11 @@ class BackwardGrouper:
     def record_incoming(self, index: int, grad: torch.Tensor | None) -> None:
         """Tensor pre-hook: the norm of the gradient about to be accumulated (kept on the device, not the grad)."""
         if grad is not None and self._receiver.measuring_contributions and grad.layout is torch.strided:
-            with torch.no_grad():
-                self.incoming[index] = torch.linalg.vector_norm(grad)
+            try:
+                with torch.no_grad():
+                    self.incoming[index] = torch.linalg.vector_norm(grad)
+            except Exception as error:  # it runs inside the user's backward(): never let it escape
+                self._receiver.internal_error(error, "backward")
 
     def record(self, index: int, param: torch.Tensor) -> None:
         """Hot path: one call per parameter per backward pass."""

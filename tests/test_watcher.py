@@ -285,3 +285,20 @@ def test_context_manager_detaches():
         assert w.attached
     assert not w.attached
     assert repr(w).startswith("<gradwatch.Watcher detached")
+
+
+def test_an_error_in_the_contribution_pre_hook_is_contained(tmp_path, monkeypatch):
+    model, opt = reference_model()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("norm kernel missing for this dtype")
+
+    options = gradwatch.TensorBoardOptions(contribution_every=1)
+    with pytest.warns(GradientWarning, match="stopped checking after an internal error in backward"):
+        w = watch(model, opt, logdir=tmp_path, tensorboard=options)
+        monkeypatch.setattr(torch.linalg, "vector_norm", broken)
+        reference_loop(model, opt, reference_data())  # the user's backward() calls do not raise
+        monkeypatch.undo()
+        w.detach()
+    assert w._tracker.ledger.steps == [0]  # checking stopped at the first backward; training went on
+    assert model.weight.grad is None and not torch.equal(model.weight, reference_model()[0].weight)
