@@ -22,7 +22,7 @@ optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
 scaler = torch.amp.GradScaler("cpu")
 batches = [torch.randint(0, vocab, (4, 16)) for _ in range(12)]
 
-with gradwatch.watch(model, optimizer, accumulation_steps=accumulation_steps) as watcher:
+with gradwatch.watch(model, optimizer, accumulation_steps=accumulation_steps, scaler=scaler) as watcher:
     optimizer.zero_grad()
     for i, tokens in enumerate(batches):
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -39,5 +39,4 @@ with gradwatch.watch(model, optimizer, accumulation_steps=accumulation_steps) as
             optimizer.zero_grad()
 
 print(watcher.report())
-print(f"optimizer steps taken: {watcher._tracker.ledger.steps[0]} of {len(batches) // accumulation_steps}")
-watcher.assert_clean()
+watcher.assert_clean()  # the skipped step is recorded as an info finding, not a bug

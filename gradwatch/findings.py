@@ -14,6 +14,8 @@ ORPHAN = "orphan-gradient"
 NON_FINITE = "non-finite-gradient"
 DANGLING = "dangling-gradient"
 UNUSED = "unused-parameter"
+CLIP_BEFORE_UNSCALE = "clip-before-unscale"
+SKIPPED_STEP = "skipped-step"
 
 SEVERITY: Mapping[str, str] = {
     UNCLEARED: "error",
@@ -25,6 +27,8 @@ SEVERITY: Mapping[str, str] = {
     NON_FINITE: "error",
     DANGLING: "warning",
     UNUSED: "info",
+    CLIP_BEFORE_UNSCALE: "error",
+    SKIPPED_STEP: "info",
 }
 KINDS: tuple[str, ...] = tuple(SEVERITY)
 
@@ -71,6 +75,17 @@ _MESSAGES: Mapping[str, str] = {
     UNUSED: (
         "{params} never received a gradient although optimizer steps ran. If that is intended (a frozen or "
         "unused branch), set requires_grad_(False); otherwise check that the forward pass uses them."
+    ),
+    CLIP_BEFORE_UNSCALE: (
+        "{clip} clipped the gradients of {params} while GradScaler still had them multiplied by the loss scale, "
+        "so the threshold was applied to values thousands of times too large and the real gradients were clipped "
+        "far too hard. Call scaler.unscale_(optimizer) before clipping."
+    ),
+    SKIPPED_STEP: (
+        "GradScaler skipped optimizer step {step}: backward {where} put NaN or Inf into {overflowed} of the "
+        "{total} scaled gradients of {params}, so the step was not taken and the loss scale was lowered. "
+        "Occasional skips are how dynamic loss scaling works; if most steps are skipped, the loss overflows "
+        "even unscaled."
     ),
 }
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import weakref
-from typing import Any, Callable, ClassVar, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
 
@@ -18,6 +18,7 @@ from .findings import GradientBugError
 
 _current_task: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", lambda: 0)
 _queue_callback = torch.autograd.Variable._execution_engine.queue_callback
+GRAD_SCALER: type = getattr(torch.amp, "GradScaler", None) or torch.cuda.amp.GradScaler  # torch.amp's since 2.3
 
 
 class Receiver(Protocol):
@@ -31,6 +32,10 @@ class Receiver(Protocol):
     def on_optimizer_cleared(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None: ...
     def before_module_clear(self, module: torch.nn.Module) -> None: ...
     def on_module_cleared(self, module: torch.nn.Module) -> None: ...
+    def on_clip(self, parameters: list[torch.Tensor], how: str) -> None: ...
+    def on_unscale(self, opt_index: int, scaler: Any) -> None: ...
+    def before_scaler_step(self, opt_index: int, scaler: Any) -> None: ...
+    def after_scaler_step(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None: ...
     def internal_error(self, error: BaseException, where: str) -> None: ...
 
     measuring_contributions: bool  # whether the tensor pre-hooks measure incoming gradients now
@@ -144,46 +149,113 @@ def _wrap_zero_grad(optimizer: torch.optim.Optimizer, opt_index: int, hooks: Hoo
     return zero_grad
 
 
-class _ModuleZeroGradDispatch:
-    """One class-level wrapper of ``nn.Module.zero_grad`` shared by all live watches.
+class _GlobalPatch:
+    """A function of a PyTorch class or module replaced, while any watch is live, by one dispatcher to them all.
 
-    An instance attribute on a module would break ``torch.save(model)``; the class attribute is restored
-    when the last watch detaches.
+    An instance attribute on a module would break ``torch.save(model)``, and some objects (a ``GradScaler``, the
+    clipping functions) are never handed to ``watch()``. The original is restored when the last watch detaches,
+    unless someone patched over the dispatcher meanwhile (theirs then keeps calling it, and it calls the original).
     """
 
-    original: Callable[..., Any] | None = None
-    receivers: ClassVar[list[HookSet]] = []
+    def __init__(self, owner: Any, name: str, make: Callable[[Callable[..., Any], list[HookSet]], Callable[..., Any]]):
+        self.owner, self.name, self._make = owner, name, make
+        self.watches: list[HookSet] = []
+        self._original: Callable[..., Any] | None = None
+        self._dispatcher: Callable[..., Any] | None = None
 
-    @classmethod
-    def add(cls, hooks: HookSet) -> None:
-        if cls.original is None:
-            cls.original = torch.nn.Module.zero_grad
-            torch.nn.Module.zero_grad = cls._make_dispatcher(cls.original)  # type: ignore[method-assign]
-        cls.receivers.append(hooks)
+    def add(self, hooks: HookSet) -> None:
+        if self._original is None:
+            self._original = getattr(self.owner, self.name)
+            self._dispatcher = functools.wraps(self._original)(self._make(self._original, self.watches))
+            setattr(self.owner, self.name, self._dispatcher)
+        self.watches.append(hooks)
 
-    @classmethod
-    def discard(cls, hooks: HookSet) -> None:
-        if hooks in cls.receivers:
-            cls.receivers.remove(hooks)
-        ours = getattr(torch.nn.Module.zero_grad, "_gradwatch_dispatch", False)
-        if not cls.receivers and cls.original is not None and ours:
-            torch.nn.Module.zero_grad = cls.original  # type: ignore[method-assign]
-            cls.original = None
+    def discard(self, hooks: HookSet) -> None:
+        if hooks in self.watches:
+            self.watches.remove(hooks)
+        if not self.watches and self._original is not None and getattr(self.owner, self.name) is self._dispatcher:
+            setattr(self.owner, self.name, self._original)
+            self._original = self._dispatcher = None
 
-    @classmethod
-    def _make_dispatcher(cls, original: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(original)
-        def zero_grad(self: torch.nn.Module, set_to_none: bool = True) -> None:
-            watching = [hooks for hooks in cls.receivers if hooks.active]
-            for hooks in watching:
-                hooks.grouper.close_stale()
-                _guard(hooks.receiver, "model.zero_grad", hooks.receiver.before_module_clear, self)
-            original(self, set_to_none)
-            for hooks in watching:
-                _guard(hooks.receiver, "model.zero_grad", hooks.receiver.on_module_cleared, self)
 
-        zero_grad._gradwatch_dispatch = True  # type: ignore[attr-defined]
-        return zero_grad
+def _module_zero_grad(original: Callable[..., Any], watches: list[HookSet]) -> Callable[..., Any]:
+    def zero_grad(self: torch.nn.Module, set_to_none: bool = True) -> None:
+        watching = [hooks for hooks in watches if hooks.active]
+        for hooks in watching:
+            hooks.grouper.close_stale()
+            _guard(hooks.receiver, "model.zero_grad", hooks.receiver.before_module_clear, self)
+        original(self, set_to_none)
+        for hooks in watching:
+            _guard(hooks.receiver, "model.zero_grad", hooks.receiver.on_module_cleared, self)
+
+    return zero_grad
+
+
+def _watching(watches: list[HookSet], optimizer: Any) -> list[tuple[HookSet, int]]:
+    """(watch, optimizer index) of every live watch over ``optimizer``."""
+    found = []
+    for hooks in watches:
+        index = hooks.optimizer_index(optimizer) if hooks.active else None
+        if index is not None:
+            found.append((hooks, index))
+    return found
+
+
+def _scaler_unscale(original: Callable[..., Any], watches: list[HookSet]) -> Callable[..., Any]:
+    def unscale_(self: Any, optimizer: torch.optim.Optimizer) -> None:
+        original(self, optimizer)
+        for hooks, index in _watching(watches, optimizer):
+            _guard(hooks.receiver, "GradScaler.unscale_", hooks.receiver.on_unscale, index, self)
+
+    return unscale_
+
+
+def _scaler_step(original: Callable[..., Any], watches: list[HookSet]) -> Callable[..., Any]:
+    def step(self: Any, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        watching = _watching(watches, optimizer)
+        for hooks, index in watching:
+            hooks.grouper.close_stale()
+            _guard(hooks.receiver, "GradScaler.step", hooks.receiver.before_scaler_step, index, self)
+        result = original(self, optimizer, *args, **kwargs)
+        for hooks, index in watching:
+            _guard(hooks.receiver, "GradScaler.step", hooks.receiver.after_scaler_step, index, optimizer)
+        return result
+
+    return step
+
+
+def _clipping(how: str) -> Callable[[Callable[..., Any], list[HookSet]], Callable[..., Any]]:
+    def make(original: Callable[..., Any], watches: list[HookSet]) -> Callable[..., Any]:
+        def clip(parameters: Any, *args: Any, **kwargs: Any) -> Any:
+            watching = [hooks for hooks in watches if hooks.active]
+            if watching:
+                parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+                for hooks in watching:
+                    _guard(hooks.receiver, how, hooks.receiver.on_clip, parameters, how)
+            return original(parameters, *args, **kwargs)
+
+        return clip
+
+    return make
+
+
+def _global_patches() -> list[_GlobalPatch]:
+    patches = [_GlobalPatch(torch.nn.Module, "zero_grad", _module_zero_grad)]
+    patches += [_GlobalPatch(GRAD_SCALER, "unscale_", _scaler_unscale), _GlobalPatch(GRAD_SCALER, "step", _scaler_step)]
+    clip_grad = torch.nn.utils.clip_grad
+    for module, name in [
+        (torch.nn.utils, "clip_grad_norm_"),
+        (torch.nn.utils, "clip_grad_value_"),
+        (torch.nn.utils, "clip_grads_with_norm_"),  # since 2.6
+        (clip_grad, "clip_grad_norm_"),  # also reached by the deprecated clip_grad_norm
+        (clip_grad, "clip_grad_value_"),
+    ]:
+        if hasattr(module, name):
+            patches.append(_GlobalPatch(module, name, _clipping(name)))
+    return patches
+
+
+_GLOBAL_PATCHES = _global_patches()
 
 
 class HookSet:
@@ -195,6 +267,12 @@ class HookSet:
         self.active = False
         self._handles: list[Any] = []
         self._wrapped: list[tuple[weakref.ref[torch.optim.Optimizer], Callable[..., Any]]] = []
+        self._optimizer_indices: dict[int, tuple[weakref.ref[torch.optim.Optimizer], int]] = {}
+
+    def optimizer_index(self, optimizer: Any) -> int | None:
+        """The index of ``optimizer`` in this watch, or None."""
+        entry = self._optimizer_indices.get(id(optimizer))
+        return entry[1] if entry is not None and entry[0]() is optimizer else None
 
     def install(
         self,
@@ -223,7 +301,9 @@ class HookSet:
                 wrapper = _wrap_zero_grad(optimizer, opt_index, self)
                 optimizer.zero_grad = wrapper  # type: ignore[method-assign]
                 self._wrapped.append((weakref.ref(optimizer), wrapper))
-            _ModuleZeroGradDispatch.add(self)
+                self._optimizer_indices[id(optimizer)] = (weakref.ref(optimizer), opt_index)
+            for patch in _GLOBAL_PATCHES:
+                patch.add(self)
         except BaseException:
             self.remove()
             raise
@@ -243,4 +323,6 @@ class HookSet:
                 else:
                     optimizer.zero_grad = previous  # type: ignore[method-assign]
         self._wrapped.clear()
-        _ModuleZeroGradDispatch.discard(self)
+        self._optimizer_indices.clear()
+        for patch in _GLOBAL_PATCHES:
+            patch.discard(self)

@@ -57,6 +57,8 @@ class Ledger:
         self.clears = 0
         self.unknown_window: set[int] = set()  # optimizers whose pending window started before the watch
         self.newest_consumed_backward = -1
+        self.unscaled_upto = [0] * n_optimizers  # backward passes seen when GradScaler last unscaled each optimizer
+        self.clip_pending: list[Occurrence | None] = [None] * n_optimizers  # a clip seen before any GradScaler
 
     # -- events ------------------------------------------------------------------------------------
     def backward(self, indices: Iterable[int]) -> list[Occurrence]:
@@ -155,6 +157,51 @@ class Ledger:
             self.nonfinite_at[i] = (step, first_backward, last)
         self.window_nonfinite[owner] = True
 
+    def clip(self, opt: int, indices: Sequence[int], how: str, scaled: bool | None) -> list[Occurrence]:
+        """``how`` (a clipping function) ran over ``indices`` of optimizer ``opt``. ``scaled``: whether a
+        GradScaler scales its gradients; None while none was seen (the clip is judged when one reaches ``opt``)."""
+        if scaled is False:
+            return []
+        upto, fresh, consumed, last = self.unscaled_upto[opt], self.fresh, self.consumed, self.fresh_last
+        still_scaled = tuple(i for i in indices if (fresh[i] or consumed[i]) and last[i] >= upto)
+        if not still_scaled:
+            return []
+        occurrence = Occurrence(k.CLIP_BEFORE_UNSCALE, still_scaled, self.steps[opt], self.backwards, {"clip": how})
+        if scaled:
+            return [occurrence]
+        if self.clip_pending[opt] is None:
+            self.clip_pending[opt] = occurrence
+        return []
+
+    def scaler_reached(self, opt: int, enabled: bool) -> list[Occurrence]:
+        """A GradScaler is about to unscale or step optimizer ``opt``: a clip seen before was on scaled values."""
+        pending, self.clip_pending[opt] = self.clip_pending[opt], None
+        return [pending] if pending is not None and enabled else []
+
+    def unscaled(self, opt: int) -> None:
+        """A GradScaler unscaled optimizer ``opt``'s gradients (or stepped it, which unscales)."""
+        self.unscaled_upto[opt] = self.backwards
+
+    def skipped_step(self, opt: int, nonfinite: Sequence[int]) -> list[Occurrence]:
+        """A GradScaler skipped optimizer ``opt``'s step because its gradients held NaN/Inf (``nonfinite``; empty
+        when only unwatched ones did). Clearing that window next is expected, not a bug.
+
+        The occurrence names the whole window, not the overflowing parameters: those differ from skip to skip,
+        and every skip of one optimizer should count into one finding.
+        """
+        self.window_nonfinite[opt] = True
+        self.clip_pending[opt] = None
+        window = tuple(i for i, o in enumerate(self.owners) if o == opt and self.fresh[i])
+        if not window:
+            return []
+        marks = [self.nonfinite_at[i] for i in nonfinite if self.nonfinite_at[i] is not None]
+        if marks:
+            _, first, last = min(marks)  # type: ignore[type-var]
+        else:
+            first, last = min(self.fresh_first[i] for i in window), max(self.fresh_last[i] for i in window)
+        detail = {"where": _passes(first, last), "overflowed": len(nonfinite) or "some", "total": len(window)}
+        return [Occurrence(k.SKIPPED_STEP, window, self.steps[opt], first, detail)]
+
     def window_of(self, i: int) -> tuple[int, int]:
         """(first, last) backward pass of parameter ``i``'s fresh contributions."""
         return self.fresh_first[i], self.fresh_last[i]
@@ -188,7 +235,7 @@ class Ledger:
         nonfinite = [i for i in indices if self.nonfinite_at[i] is not None and (fresh[i] or consumed[i])]
         if nonfinite:
             first_step, first_b, last_b = min(self.nonfinite_at[i] for i in nonfinite)  # type: ignore[type-var]
-            where = f"pass {first_b}" if first_b == last_b else f"passes {first_b}-{last_b} (one of them)"
+            where = _passes(first_b, last_b)
             out.append(Occurrence(k.NON_FINITE, tuple(nonfinite), first_step, first_b, {"where": where}))
         unknown = opt in self.unknown_window
         self.unknown_window.discard(opt)
@@ -207,6 +254,7 @@ class Ledger:
                 self.newest_consumed_backward = self.fresh_last[i]
         self.n_fresh[opt] = 0
         self.window_nonfinite[opt] = False
+        self.clip_pending[opt] = None
         self.steps[opt] = step + 1
         return out
 
@@ -233,3 +281,7 @@ class Ledger:
         if unused:
             out.append(Occurrence(k.UNUSED, tuple(unused), max(self.steps), self.backwards))
         return out
+
+
+def _passes(first: int, last: int) -> str:
+    return f"pass {first}" if first == last else f"passes {first}-{last} (one of them)"

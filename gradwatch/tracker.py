@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import replace
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -37,6 +37,7 @@ class Tracker:
         on_internal_error: Callable[[BaseException, str], None],
         finite_check: str = "step",
         sinks: Sinks | None = None,
+        scaler: Any = None,
     ) -> None:
         n = len(params)
         self.ledger = Ledger(owners, len(optimizers), accumulation_steps)
@@ -49,6 +50,8 @@ class Tracker:
         self._finite = FiniteChecks()  # used when finite_check == "backward"
         self._check_every_backward = finite_check == "backward"
         self._skipped_steps: set[int] = set()  # optimizers inside a step that GradScaler told to skip
+        self._scaler: weakref.ref[Any] | None = weakref.ref(scaler) if scaler is not None else None
+        self._steps_before_scaler: dict[int, int] = {}
         self._weights_before: dict[int, list[torch.Tensor]] = {}  # copies for update ratios, one step long
         self._contributions: list[tuple[int, list[int], torch.Tensor]] = []  # per backward, read at the step
         self._emit = emit
@@ -131,8 +134,7 @@ class Tracker:
             return
         params = self._params_of(opt_index, optimizer)
         if _skipped_by_grad_scaler(optimizer):
-            self._skipped_steps.add(opt_index)
-            self._check_finite([(i, p) for i, p in params if self.ledger.fresh[i]])  # lets the clear drop them
+            self._skipped_steps.add(opt_index)  # after_scaler_step books the skip
             return
         out = self._notice_set_to_none(params)
         if self._sinks is not None and self._sinks.update_ratio_due(self.ledger.steps[opt_index]):
@@ -220,6 +222,49 @@ class Tracker:
         if indices:
             self._cleared(indices, f"{type(module).__name__}.zero_grad()")
 
+    def on_clip(self, parameters: list[torch.Tensor], how: str) -> None:
+        """A clipping function is about to run over ``parameters``."""
+        if self.stopped:
+            return
+        ledger, index, refs = self.ledger, self._index, self._params
+        by_owner: dict[int, list[int]] = {}
+        for p in parameters:
+            i = index.get(id(p))
+            if i is not None and ledger.owners[i] != NO_OWNER and refs[i]() is p:
+                by_owner.setdefault(ledger.owners[i], []).append(i)
+        scaler = self._scaler() if self._scaler is not None else None
+        scaled = None if scaler is None else scaler.is_enabled()
+        self._emit([occ for opt, indices in by_owner.items() for occ in ledger.clip(opt, indices, how, scaled)])
+
+    def on_unscale(self, opt_index: int, scaler: Any) -> None:
+        """``scaler.unscale_(optimizer)`` ran."""
+        if self.stopped:
+            return
+        self._know_scaler(scaler)
+        out = self.ledger.scaler_reached(opt_index, scaler.is_enabled())
+        self.ledger.unscaled(opt_index)
+        self._emit(out)
+
+    def before_scaler_step(self, opt_index: int, scaler: Any) -> None:
+        """``scaler.step(optimizer)`` is about to run (it unscales, then steps unless it found NaN/Inf)."""
+        if self.stopped:
+            return
+        self._know_scaler(scaler)
+        self._steps_before_scaler[opt_index] = self.ledger.steps[opt_index]
+        self._emit(self.ledger.scaler_reached(opt_index, scaler.is_enabled()))
+
+    def after_scaler_step(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
+        """``scaler.step(optimizer)`` returned: if no step was booked, the scaler skipped it."""
+        if self.stopped:
+            return
+        ledger = self.ledger
+        ledger.unscaled(opt_index)
+        if self._steps_before_scaler.pop(opt_index, None) != ledger.steps[opt_index]:
+            return
+        fresh = [(i, p) for i, p in self._params_of(opt_index, optimizer) if ledger.fresh[i]]
+        self._check_finite(fresh)  # a rare path: the read says which gradients overflowed
+        self._emit(ledger.skipped_step(opt_index, [i for i, _ in fresh if ledger.nonfinite_at[i] is not None]))
+
     def internal_error(self, error: BaseException, where: str) -> None:
         """Stop checking (the state may be inconsistent) and report once."""
         if not self.stopped:
@@ -260,6 +305,10 @@ class Tracker:
         """A clear may drop unconsumed gradients: a window holding NaN/Inf may be dropped on purpose."""
         if not self.stopped and self.ledger.has_unconsumed(i for i, _ in params):
             self._check_finite([(i, p) for i, p in params if self.ledger.fresh[i]])
+
+    def _know_scaler(self, scaler: Any) -> None:
+        if self._scaler is None or self._scaler() is None:
+            self._scaler = weakref.ref(scaler)
 
     def _cleared(self, indices: list[int], source: str) -> None:
         if self.stopped:

@@ -6,13 +6,13 @@ import contextlib
 import os
 import weakref
 from types import TracebackType
-from typing import Iterable, Sequence, Union
+from typing import Any, Iterable, Sequence, Union
 
 import torch
 
 from .finding_log import POLICIES, FindingLog, OnFinding, warn
 from .findings import KINDS, Finding, GradientBugError
-from .hooks import HookSet
+from .hooks import GRAD_SCALER, HookSet
 from .ledger import NO_OWNER
 from .report import render_report
 from .sinks import RunInfo, Sink, Sinks
@@ -38,6 +38,7 @@ class Watcher:
         on_finding: OnFinding,
         finite_check: str = "step",
         sinks: Sequence[Sink] = (),
+        scaler: Any = None,
     ) -> None:
         params, names, owners = _collect(model, optimizers)
         self._sinks = Sinks(sinks, warn)
@@ -54,6 +55,7 @@ class Watcher:
             on_internal_error=self._report_error,
             finite_check=finite_check,
             sinks=self._sinks,
+            scaler=scaler,
         )
         if sinks:
             layout = tuple(
@@ -166,6 +168,7 @@ def watch(
     finite_check: str = "step",
     trace: str | os.PathLike[str] | None = None,
     tensorboard: TensorBoardOptions | None = None,
+    scaler: Any = None,
 ) -> Watcher:
     """Watch ``model``'s gradients from ``backward()`` through ``optimizer.step()`` to ``zero_grad()``.
 
@@ -177,6 +180,8 @@ def watch(
     ``finite_check`` is when gradients are checked for NaN/Inf: "step" (once per optimizer step; the finding
     names the window of backward passes) or "backward" (after every backward pass: names the exact one, at
     the cost of one batched norm per backward pass).
+    ``scaler`` is the run's ``torch.amp.GradScaler``: optional (any GradScaler that steps a watched optimizer is
+    recognised), it lets a clip before ``scaler.unscale_()`` be reported at the clipping call from the first step.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"watch() expects a torch.nn.Module as model, got {type(model).__name__}")
@@ -199,6 +204,8 @@ def watch(
         raise TypeError(f"tensorboard must be a gradwatch.TensorBoardOptions, got {type(tensorboard).__name__}")
     if trace is not None and not isinstance(trace, (str, os.PathLike)):
         raise TypeError(f"trace must be a str or os.PathLike path, got {type(trace).__name__}")
+    if scaler is not None and not isinstance(scaler, GRAD_SCALER):
+        raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
     for target in (model, *optimizers):
         if target in _watched:
             raise ValueError(
@@ -218,7 +225,7 @@ def watch(
             sink.abandon()
         where = os.fspath(logdir if logdir is not None else trace)  # type: ignore[arg-type]
         raise ValueError(f"cannot write gradwatch's logs at {where!r}: {error}") from None
-    return Watcher(model, optimizers, accumulation_steps, on_finding, finite_check, sinks)
+    return Watcher(model, optimizers, accumulation_steps, on_finding, finite_check, sinks, scaler)
 
 
 def _optimizers(optimizer: Optimizers) -> list[torch.optim.Optimizer]:

@@ -38,6 +38,7 @@ def _missing_zero_grad(model, opt, data):
         ({"on_finding": 3}, TypeError, "on_finding must be one of"),
         ({"logdir": 3}, TypeError, "logdir must be a str or os.PathLike"),
         ({"finite_check": "never"}, ValueError, "finite_check must be one of"),
+        ({"scaler": "amp"}, TypeError, "scaler must be a torch.amp.GradScaler"),
     ],
 )
 def test_bad_arguments_fail_fast_with_a_message(kwargs, error, text):
@@ -177,7 +178,10 @@ def test_finding_is_frozen_and_exported():
     with pytest.raises(AttributeError):
         finding.count = 0
     assert set(gradwatch.__all__) >= {"watch", "Finding", "GradientBugError", "GradientWarning"}
-    assert len(gradwatch.KINDS) == 9
+    contract = ("uncleared-gradient", "stale-gradient", "discarded-gradient", "empty-step", "accumulation-mismatch")
+    contract += ("orphan-gradient", "non-finite-gradient", "dangling-gradient", "unused-parameter")
+    assert gradwatch.KINDS[: len(contract)] == contract
+    assert len(set(gradwatch.KINDS)) == len(gradwatch.KINDS)
 
 
 # -- never break the training -----------------------------------------------------------------------
@@ -200,17 +204,23 @@ def test_training_numbers_are_identical_bit_for_bit(bug, streaming, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
 
 
+def _global_functions():
+    """What gradwatch patches while any watch is live (classes and modules it is not handed)."""
+    scaler, utils = torch.amp.GradScaler, torch.nn.utils
+    return [torch.nn.Module.zero_grad, scaler.step, scaler.unscale_, utils.clip_grad_norm_, utils.clip_grad_value_]
+
+
 def test_detach_removes_every_hook_wrapper_and_reference():
     model, opt = reference_model()
-    original_module_zero_grad = torch.nn.Module.zero_grad
+    originals = _global_functions()
     w = watch(model, opt)
     assert "zero_grad" in opt.__dict__
-    assert torch.nn.Module.zero_grad is not original_module_zero_grad
+    assert all(patched is not original for patched, original in zip(_global_functions(), originals, strict=True))
     reference_loop(model, opt, reference_data())
     w.detach()
     w.detach()  # idempotent
     assert "zero_grad" not in opt.__dict__
-    assert torch.nn.Module.zero_grad is original_module_zero_grad
+    assert all(restored is original for restored, original in zip(_global_functions(), originals, strict=True))
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
     assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
 
