@@ -46,6 +46,10 @@ class FindingLog:
         self._first_of_kind: dict[str, int] = {}
         self._callback_failed = False
 
+    def add_names(self, names: Sequence[str]) -> None:
+        """Name parameters watched from now on (their indices follow the ones already named)."""
+        self._names.extend(names)
+
     def record(self, occurrences: list[Occurrence]) -> None:
         """Count known problems, name and dispatch new ones (may raise GradientBugError)."""
         if not occurrences:

@@ -36,19 +36,22 @@ class Receiver(Protocol):
     def on_unscale(self, opt_index: int, scaler: Any) -> None: ...
     def before_scaler_step(self, opt_index: int, scaler: Any) -> None: ...
     def after_scaler_step(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None: ...
+    def on_param_group_added(self, opt_index: int, optimizer: torch.optim.Optimizer) -> list[tuple[int, Any]]: ...
+    def on_unfrozen(self, indices: list[int]) -> None: ...
     def internal_error(self, error: BaseException, where: str) -> None: ...
 
     measuring_contributions: bool  # whether the tensor pre-hooks measure incoming gradients now
 
 
-def _guard(receiver: Receiver, where: str, call: Callable[..., None], *args: Any) -> None:
+def _guard(receiver: Receiver, where: str, call: Callable[..., Any], *args: Any) -> Any:
     """Run a receiver call; only GradientBugError (on_finding="raise") may reach the training loop."""
     try:
-        call(*args)
+        return call(*args)
     except (GradientBugError, Warning):  # on_finding="raise", or the user turned warnings into errors
         raise
     except Exception as error:  # a debugging tool must never break training
         receiver.internal_error(error, where)
+        return None
 
 
 class BackwardGrouper:
@@ -114,39 +117,66 @@ class BackwardGrouper:
 
 
 class _StepHook:
-    __slots__ = ("grouper", "opt_index", "post", "receiver")
+    __slots__ = ("hooks", "opt_index", "post")
 
-    def __init__(self, receiver: Receiver, grouper: BackwardGrouper, opt_index: int, post: bool) -> None:
-        self.receiver, self.grouper, self.opt_index, self.post = receiver, grouper, opt_index, post
+    def __init__(self, hooks: HookSet, opt_index: int, post: bool) -> None:
+        self.hooks, self.opt_index, self.post = hooks, opt_index, post
 
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.grouper.close_stale()
-        call = self.receiver.on_step_post if self.post else self.receiver.on_step_pre
-        _guard(self.receiver, "optimizer.step", call, self.opt_index, optimizer)
+        hooks = self.hooks
+        hooks.grouper.close_stale()
+        if not self.post and hooks.frozen:
+            hooks.hook_unfrozen()
+        call = hooks.receiver.on_step_post if self.post else hooks.receiver.on_step_pre
+        _guard(hooks.receiver, "optimizer.step", call, self.opt_index, optimizer)
 
 
-def _wrap_zero_grad(optimizer: torch.optim.Optimizer, opt_index: int, hooks: HookSet) -> Callable[..., Any]:
-    previous = optimizer.__dict__.get("zero_grad")  # someone else's instance wrapper: chain to it
-    unbound = type(optimizer).zero_grad
+OptimizerEvent = Callable[["HookSet", int, torch.optim.Optimizer], None]
+
+
+def _wrap_method(
+    optimizer: torch.optim.Optimizer,
+    name: str,
+    opt_index: int,
+    hooks: HookSet,
+    before: OptimizerEvent | None,
+    after: OptimizerEvent,
+) -> Callable[..., Any]:
+    """An instance attribute wrapping ``optimizer.<name>``; it holds the optimizer and the watch weakly."""
+    previous = optimizer.__dict__.get(name)  # someone else's instance wrapper: chain to it
+    unbound = getattr(type(optimizer), name)
     optimizer_ref = weakref.ref(optimizer)
     hooks_ref = weakref.ref(hooks)
 
     @functools.wraps(unbound)
-    def zero_grad(*args: Any, **kwargs: Any) -> Any:
+    def method(*args: Any, **kwargs: Any) -> Any:
         opt = optimizer_ref()
         owner = hooks_ref()
         watching = owner is not None and owner.active and opt is not None
-        if watching:
-            owner.grouper.close_stale()
-            _guard(owner.receiver, "optimizer.zero_grad", owner.receiver.before_optimizer_clear, opt_index, opt)
+        if watching and before is not None:
+            before(owner, opt_index, opt)  # type: ignore[arg-type]
         result = previous(*args, **kwargs) if previous is not None else unbound(opt, *args, **kwargs)
         if watching:
-            _guard(owner.receiver, "optimizer.zero_grad", owner.receiver.on_optimizer_cleared, opt_index, opt)
+            after(owner, opt_index, opt)  # type: ignore[arg-type]
         return result
 
-    zero_grad.__signature__ = inspect.signature(optimizer.zero_grad)  # type: ignore[attr-defined]
-    zero_grad._gradwatch_previous = previous  # type: ignore[attr-defined]
-    return zero_grad
+    method.__signature__ = inspect.signature(getattr(optimizer, name))  # type: ignore[attr-defined]
+    method._gradwatch_previous = previous  # type: ignore[attr-defined]
+    return method
+
+
+def _before_zero_grad(hooks: HookSet, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
+    hooks.grouper.close_stale()
+    _guard(hooks.receiver, "optimizer.zero_grad", hooks.receiver.before_optimizer_clear, opt_index, optimizer)
+
+
+def _after_zero_grad(hooks: HookSet, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
+    _guard(hooks.receiver, "optimizer.zero_grad", hooks.receiver.on_optimizer_cleared, opt_index, optimizer)
+
+
+def _after_add_param_group(hooks: HookSet, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
+    added = _guard(hooks.receiver, "add_param_group", hooks.receiver.on_param_group_added, opt_index, optimizer)
+    hooks.hook_params(added or ())
 
 
 class _GlobalPatch:
@@ -265,8 +295,11 @@ class HookSet:
         self.receiver = receiver
         self.grouper = BackwardGrouper(receiver)
         self.active = False
+        self.frozen: dict[int, weakref.ref[torch.Tensor]] = {}  # watched, not requiring grad: not hooked
+        self._contribution_norms = False
+        self._hooked: set[int] = set()
         self._handles: list[Any] = []
-        self._wrapped: list[tuple[weakref.ref[torch.optim.Optimizer], Callable[..., Any]]] = []
+        self._wrapped: list[tuple[weakref.ref[torch.optim.Optimizer], str, Callable[..., Any]]] = []
         self._optimizer_indices: dict[int, tuple[weakref.ref[torch.optim.Optimizer], int]] = {}
 
     def optimizer_index(self, optimizer: Any) -> int | None:
@@ -280,27 +313,20 @@ class HookSet:
         optimizers: Sequence[torch.optim.Optimizer],
         contribution_norms: bool = False,
     ) -> None:
-        """Hook each (index, parameter), each optimizer's step and zero_grad, and ``Module.zero_grad``.
+        """Hook each (index, parameter) that requires grad, each optimizer's step, zero_grad and add_param_group,
+        and the global patches. Frozen parameters are hooked before the first step that finds them unfrozen.
 
         ``contribution_norms`` adds a tensor pre-hook per parameter that measures each incoming gradient.
         """
         self.active = True
+        self._contribution_norms = contribution_norms
         try:
-            for index, param in params:
-                hook = functools.partial(self.grouper.record, index)  # captures no tensor: see module doc
-                self._handles.append(param.register_post_accumulate_grad_hook(hook))
-                if contribution_norms:
-                    self._handles.append(param.register_hook(functools.partial(self.grouper.record_incoming, index)))
+            self.hook_params(params)
             for opt_index, optimizer in enumerate(optimizers):
-                self._handles.append(
-                    optimizer.register_step_pre_hook(_StepHook(self.receiver, self.grouper, opt_index, post=False))
-                )
-                self._handles.append(
-                    optimizer.register_step_post_hook(_StepHook(self.receiver, self.grouper, opt_index, post=True))
-                )
-                wrapper = _wrap_zero_grad(optimizer, opt_index, self)
-                optimizer.zero_grad = wrapper  # type: ignore[method-assign]
-                self._wrapped.append((weakref.ref(optimizer), wrapper))
+                self._handles.append(optimizer.register_step_pre_hook(_StepHook(self, opt_index, post=False)))
+                self._handles.append(optimizer.register_step_post_hook(_StepHook(self, opt_index, post=True)))
+                self._wrap(optimizer, "zero_grad", opt_index, _before_zero_grad, _after_zero_grad)
+                self._wrap(optimizer, "add_param_group", opt_index, None, _after_add_param_group)
                 self._optimizer_indices[id(optimizer)] = (weakref.ref(optimizer), opt_index)
             for patch in _GLOBAL_PATCHES:
                 patch.add(self)
@@ -308,20 +334,56 @@ class HookSet:
             self.remove()
             raise
 
+    def hook_params(self, params: Iterable[tuple[int, torch.Tensor]]) -> None:
+        """Hook the parameters not hooked yet; remember those that do not require grad."""
+        for index, param in params:
+            if index in self._hooked:
+                continue
+            if not param.requires_grad:
+                self.frozen[index] = weakref.ref(param)
+                continue
+            self.frozen.pop(index, None)
+            hook = functools.partial(self.grouper.record, index)  # captures no tensor: see module doc
+            self._handles.append(param.register_post_accumulate_grad_hook(hook))
+            if self._contribution_norms:
+                self._handles.append(param.register_hook(functools.partial(self.grouper.record_incoming, index)))
+            self._hooked.add(index)
+
+    def hook_unfrozen(self) -> None:
+        """Before a step: hook the frozen parameters that require grad now (unfrozen during the run)."""
+        unfrozen = [(i, p) for i, ref in self.frozen.items() if (p := ref()) is not None and p.requires_grad]
+        if unfrozen:
+            self.hook_params(unfrozen)
+            _guard(self.receiver, "optimizer.step", self.receiver.on_unfrozen, [i for i, _ in unfrozen])
+
+    def _wrap(
+        self,
+        optimizer: torch.optim.Optimizer,
+        name: str,
+        opt_index: int,
+        before: OptimizerEvent | None,
+        after: OptimizerEvent,
+    ) -> None:
+        wrapper = _wrap_method(optimizer, name, opt_index, self, before, after)
+        setattr(optimizer, name, wrapper)
+        self._wrapped.append((weakref.ref(optimizer), name, wrapper))
+
     def remove(self) -> None:
         """Idempotent: remove every handle, wrapper and dispatcher entry."""
         self.active = False
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for optimizer_ref, wrapper in self._wrapped:
+        self._hooked.clear()
+        self.frozen.clear()
+        for optimizer_ref, name, wrapper in reversed(self._wrapped):
             optimizer = optimizer_ref()
-            if optimizer is not None and optimizer.__dict__.get("zero_grad") is wrapper:
+            if optimizer is not None and optimizer.__dict__.get(name) is wrapper:
                 previous = wrapper._gradwatch_previous  # type: ignore[attr-defined]
                 if previous is None:
-                    del optimizer.zero_grad
+                    delattr(optimizer, name)
                 else:
-                    optimizer.zero_grad = previous  # type: ignore[method-assign]
+                    setattr(optimizer, name, previous)
         self._wrapped.clear()
         self._optimizer_indices.clear()
         for patch in _GLOBAL_PATCHES:

@@ -95,6 +95,21 @@ class Ledger:
             self.n_fresh[owner] += 1
             self.unknown_window.add(owner)
 
+    def add_param(self, owner: int) -> int:
+        """Watch one more parameter (added to optimizer ``owner`` during the run); returns its index."""
+        for per_param, value in (
+            (self.owners, owner),
+            (self.fresh, 0),
+            (self.consumed, 0),
+            (self.fresh_first, 0),
+            (self.fresh_last, -1),
+            (self.mixed_at, None),
+            (self.nonfinite_at, None),
+            (self.received, False),
+        ):
+            per_param.append(value)  # type: ignore[attr-defined]
+        return len(self.owners) - 1
+
     def has_unconsumed(self, indices: Iterable[int]) -> bool:
         """Whether clearing ``indices`` would drop contributions no step consumed."""
         fresh = self.fresh

@@ -26,10 +26,12 @@ class Trace:
 
     @property
     def params(self) -> tuple[str, ...]:
-        return tuple(self.run.get("params", ()))
+        """Parameter names by index: the run's, then those added with ``add_param_group`` during it."""
+        added = [name for e in self.of("param_group") for name in e.get("new_params", ())]
+        return (*self.run.get("params", ()), *added)
 
     def of(self, event: str) -> list[dict[str, Any]]:
-        """The events of one type ("backward", "step", "clear", "finding")."""
+        """The events of one type ("backward", "step", "clear", "param_group", "finding")."""
         return [e for e in self.events if e.get("event") == event]
 
 

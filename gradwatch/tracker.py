@@ -38,6 +38,7 @@ class Tracker:
         finite_check: str = "step",
         sinks: Sinks | None = None,
         scaler: Any = None,
+        on_new_params: Callable[[list[str]], None] = lambda names: None,
     ) -> None:
         n = len(params)
         self.ledger = Ledger(owners, len(optimizers), accumulation_steps)
@@ -58,6 +59,7 @@ class Tracker:
         self._sinks = sinks if sinks else None
         self.measuring_contributions = bool(sinks) and sinks.contributions_due(0)  # type: ignore[union-attr]
         self._on_internal_error = on_internal_error
+        self._on_new_params = on_new_params
         self.stopped = False
 
     # -- Receiver ----------------------------------------------------------------------------------
@@ -265,17 +267,52 @@ class Tracker:
         self._check_finite(fresh)  # a rare path: the read says which gradients overflowed
         self._emit(ledger.skipped_step(opt_index, [i for i, _ in fresh if ledger.nonfinite_at[i] is not None]))
 
+    def on_param_group_added(self, opt_index: int, optimizer: torch.optim.Optimizer) -> list[tuple[int, torch.Tensor]]:
+        """``optimizer.add_param_group()`` ran: book the new group's parameters to it (new ones are watched under
+        ``optimizer[k].param_groups[g][j]``); returns the (index, parameter) pairs the hooks must cover."""
+        if self.stopped:
+            return []
+        ledger = self.ledger
+        g = len(optimizer.param_groups) - 1
+        booked: list[tuple[int, torch.Tensor]] = []
+        names: list[str] = []
+        for j, p in enumerate(optimizer.param_groups[g]["params"]):
+            i = self._index.get(id(p))
+            if i is None or self._params[i]() is not p:
+                i = self._index[id(p)] = len(self._params)
+                self._params.append(weakref.ref(p))
+                self._grad_refs.append(None)
+                self._grad_versions.append(0)
+                ledger.add_param(opt_index)
+                names.append(f"optimizer[{opt_index}].param_groups[{g}][{j}]")
+            elif ledger.owners[i] == NO_OWNER:
+                ledger.owners[i] = opt_index  # a model parameter that no optimizer held until now
+            else:
+                continue
+            booked.append((i, p))
+        self._on_new_params(names)
+        if self._sinks is not None:
+            self._sinks.call("param_group_added", opt_index, tuple(i for i, _ in booked), tuple(names))
+        self.adopt_existing_gradients([i for i, _ in booked])
+        return booked
+
+    def on_unfrozen(self, indices: list[int]) -> None:
+        """Parameters frozen until now are hooked from here on; a gradient they hold already is one open window."""
+        if not self.stopped:
+            self.adopt_existing_gradients(indices)
+
     def internal_error(self, error: BaseException, where: str) -> None:
         """Stop checking (the state may be inconsistent) and report once."""
         if not self.stopped:
             self.stopped = True
             self._on_internal_error(error, where)
 
-    def adopt_existing_gradients(self) -> None:
-        """Attaching mid-run: the gradients already there are one fresh window of unknown size."""
+    def adopt_existing_gradients(self, indices: Iterable[int] | None = None) -> None:
+        """Attaching mid-run: the gradients already there (in ``indices``, default all) are one fresh window of
+        unknown size."""
         adopted = []
-        for i, ref in enumerate(self._params):
-            p = ref()
+        for i in range(len(self._params)) if indices is None else indices:
+            p = self._params[i]()
             if p is not None and p.grad is not None:
                 self._grad_refs[i] = weakref.ref(p.grad)
                 self._grad_versions[i] = p.grad._version

@@ -45,7 +45,6 @@ class Watcher:
         self._log = FindingLog(names, on_finding, self._finding_to_sinks if sinks else None)
         self._on_finding = on_finding
         self._internal_error: str | None = None
-        self._n_params = len(params)
         self._tracker = Tracker(
             params,
             owners,
@@ -56,6 +55,7 @@ class Watcher:
             finite_check=finite_check,
             sinks=self._sinks,
             scaler=scaler,
+            on_new_params=self._log.add_names,
         )
         if sinks:
             layout = tuple(
@@ -66,7 +66,7 @@ class Watcher:
         self._hooks = HookSet(self._tracker)
         self._targets = [weakref.ref(model), *(weakref.ref(o) for o in optimizers)]
         self._hooks.install(
-            ((i, p) for i, p in enumerate(params) if p.requires_grad),
+            enumerate(params),
             optimizers,
             contribution_norms=self._sinks.wants_contributions(),
         )
@@ -91,7 +91,7 @@ class Watcher:
             status = f"stopped checking: {self._internal_error}"
         else:
             status = "attached" if self._attached else "detached"
-        return render_report(ledger.backwards, ledger.steps, ledger.clears, self._n_params, self.findings, status)
+        return render_report(ledger.backwards, ledger.steps, ledger.clears, len(ledger.owners), self.findings, status)
 
     def assert_clean(self, allow: Iterable[str] = ()) -> None:
         """Raise ``GradientBugError`` listing every error/warning finding whose kind is not in ``allow``."""
@@ -134,7 +134,8 @@ class Watcher:
 
     def __repr__(self) -> str:
         state = "attached" if self._attached else "detached"
-        return f"<gradwatch.Watcher {state}: {self._n_params} parameters, {len(self._log.findings)} findings>"
+        n_params = len(self._tracker.ledger.owners)
+        return f"<gradwatch.Watcher {state}: {n_params} parameters, {len(self._log.findings)} findings>"
 
     def _adopt_existing_gradients(self) -> None:
         """For attaching mid-run (``gradwatch run``): count the gradients already there as one open window."""

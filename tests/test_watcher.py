@@ -219,7 +219,7 @@ def test_detach_removes_every_hook_wrapper_and_reference():
     reference_loop(model, opt, reference_data())
     w.detach()
     w.detach()  # idempotent
-    assert "zero_grad" not in opt.__dict__
+    assert "zero_grad" not in opt.__dict__ and "add_param_group" not in opt.__dict__
     assert all(restored is original for restored, original in zip(_global_functions(), originals, strict=True))
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
     assert all(not p._post_accumulate_grad_hooks for p in model.parameters())

@@ -147,6 +147,11 @@ class TensorBoardSink:
             squares[groups[i]] = squares.get(groups[i], 0.0) + norm * norm
         return squares
 
+    def param_group_added(self, optimizer: int, params: Sequence[int], new_names: Sequence[str]) -> None:
+        per_param = self._groups == self._names
+        self._names.extend(new_names)
+        self._groups.extend(new_names if per_param else [layer_of(n) for n in new_names])
+
     def cleared(self, backward: int, source: str, params: int, discarded: int) -> None:
         self._clears += 1
         self._writer.add_scalar("lifecycle/clears", self._clears, backward)

@@ -56,6 +56,10 @@ class TraceSink:
             line["grad_norms"] = list(record.grad_norms)
         self._write(line)
 
+    def param_group_added(self, optimizer: int, params: Sequence[int], new_names: Sequence[str]) -> None:
+        line = {"event": "param_group", "optimizer": optimizer, "params": list(params), "new_params": list(new_names)}
+        self._write(line)
+
     def cleared(self, backward: int, source: str, params: int, discarded: int) -> None:
         line = {"event": "clear", "backward": backward, "source": source, "params": params, "discarded": discarded}
         self._write(line)
