@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from .findings import Finding
 from .report import render_report
+
+if TYPE_CHECKING:
+    from .traces import Trace
 
 EXIT_CLEAN, EXIT_FINDINGS, EXIT_UNREADABLE = 0, 1, 2
 
@@ -123,13 +126,30 @@ def _demo(bug: str, logdir: str) -> int:
 
 
 def _report(path: str) -> int:
+    from .ranks import load_rank_traces, rank_divergence
     from .traces import load_trace
 
     try:
-        trace = load_trace(path)
+        traces = load_rank_traces(path) or [load_trace(path)]
     except (OSError, ValueError, KeyError, TypeError) as error:
         print(f"gradwatch report: cannot read {path!r}: {error}", file=sys.stderr)
         return EXIT_UNREADABLE
+    findings = [f for trace in traces for f in trace.findings]
+    for trace in traces:
+        if len(traces) > 1:
+            print(f"rank {trace.run['rank']}:")
+        print(_trace_report(trace))
+    if len(traces) > 1:
+        across = rank_divergence(traces)
+        findings += across
+        if across:
+            print(render_report(0, [0], 0, 0, across, f"across {len(traces)} ranks", totals=False))
+        else:
+            print(f"across {len(traces)} ranks: every step consumed the same number of backward passes on every rank")
+    return EXIT_FINDINGS if _has_bugs(findings) else EXIT_CLEAN
+
+
+def _trace_report(trace: Trace) -> str:
     end = next((e for e in reversed(trace.events) if e.get("event") == "end"), None)
     n_optimizers = max(len(trace.run.get("optimizers", [])), 1)
     if end is not None:
@@ -138,8 +158,7 @@ def _report(path: str) -> int:
         backwards = len(trace.of("backward"))
         steps = [sum(1 for s in trace.of("step") if s["optimizer"] == o) for o in range(n_optimizers)]
     status = f"trace {trace.path}" + ("" if trace.complete else ", incomplete: the run did not end cleanly")
-    print(render_report(backwards, steps, len(trace.of("clear")), len(trace.params), trace.findings, status))
-    return EXIT_FINDINGS if _has_bugs(trace.findings) else EXIT_CLEAN
+    return render_report(backwards, steps, len(trace.of("clear")), len(trace.params), trace.findings, status)
 
 
 def _has_bugs(findings: Sequence[Finding]) -> bool:

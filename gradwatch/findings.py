@@ -16,6 +16,8 @@ DANGLING = "dangling-gradient"
 UNUSED = "unused-parameter"
 CLIP_BEFORE_UNSCALE = "clip-before-unscale"
 SKIPPED_STEP = "skipped-step"
+REDUNDANT_SYNC = "redundant-sync"
+RANK_DIVERGENCE = "rank-divergence"
 
 SEVERITY: Mapping[str, str] = {
     UNCLEARED: "error",
@@ -29,6 +31,8 @@ SEVERITY: Mapping[str, str] = {
     UNUSED: "info",
     CLIP_BEFORE_UNSCALE: "error",
     SKIPPED_STEP: "info",
+    REDUNDANT_SYNC: "warning",
+    RANK_DIVERGENCE: "error",
 }
 KINDS: tuple[str, ...] = tuple(SEVERITY)
 
@@ -86,6 +90,17 @@ _MESSAGES: Mapping[str, str] = {
         "{total} scaled gradients of {params}, so the step was not taken and the loss scale was lowered. "
         "Occasional skips are how dynamic loss scaling works; if most steps are skipped, the loss overflows "
         "even unscaled."
+    ),
+    REDUNDANT_SYNC: (
+        "{wasted} of the {passes} backward passes that optimizer step {step} consumed all-reduced the gradients "
+        "of {params} across ranks (backward pass {backward} first), although only the window's last one needs "
+        "to: {share}% of the window's all-reduces were wasted communication. Run the other backward passes of "
+        "each accumulation window (their forward included) inside `with model.no_sync():`."
+    ),
+    RANK_DIVERGENCE: (
+        "the ranks disagree at optimizer step {step}: {detail}. Every rank must run the same number of backward "
+        "passes per step (a rank-dependent condition, or data of uneven length); otherwise a rank waits for an "
+        "all-reduce the others never start, or the replicas silently drift apart."
     ),
 }
 

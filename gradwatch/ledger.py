@@ -14,6 +14,7 @@ discriminator) free of false alarms:
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
@@ -59,6 +60,9 @@ class Ledger:
         self.newest_consumed_backward = -1
         self.unscaled_upto = [0] * n_optimizers  # backward passes seen when GradScaler last unscaled each optimizer
         self.clip_pending: list[Occurrence | None] = [None] * n_optimizers  # a clip seen before any GradScaler
+        self.synced: deque[int] = deque(maxlen=4096)  # recent backward passes that all-reduced (DDP)
+        self.allreduces = 0  # backward passes that all-reduced, and those wasted inside a window
+        self.wasted_allreduces = 0
 
     # -- events ------------------------------------------------------------------------------------
     def backward(self, indices: Iterable[int]) -> list[Occurrence]:
@@ -83,6 +87,11 @@ class Ledger:
         if orphans:
             return [Occurrence(k.ORPHAN, tuple(sorted(orphans)), max(self.steps, default=0), b)]
         return []
+
+    def backward_synced(self) -> None:
+        """The backward pass just booked all-reduced its gradients across ranks (DDP outside ``no_sync()``)."""
+        self.synced.append(self.backwards - 1)
+        self.allreduces += 1
 
     def adopt(self, indices: Iterable[int]) -> None:
         """Gradients already in ``.grad`` when the watch began: one window of unknown size, not yet consumed."""
@@ -252,6 +261,8 @@ class Ledger:
             first_step, first_b, last_b = min(self.nonfinite_at[i] for i in nonfinite)  # type: ignore[type-var]
             where = _passes(first_b, last_b)
             out.append(Occurrence(k.NON_FINITE, tuple(nonfinite), first_step, first_b, {"where": where}))
+        if self.synced and with_fresh:
+            out += self._redundant_syncs(opt, with_fresh, step)
         unknown = opt in self.unknown_window
         self.unknown_window.discard(opt)
         if self.accumulation_steps is not None and with_fresh and not unknown:
@@ -272,6 +283,19 @@ class Ledger:
         self.clip_pending[opt] = None
         self.steps[opt] = step + 1
         return out
+
+    def _redundant_syncs(self, opt: int, window: Sequence[int], step: int) -> list[Occurrence]:
+        """All-reduces by backward passes of the window other than its last: their result is summed over again."""
+        first = min(self.fresh_first[i] for i in window)
+        last = max(self.fresh_last[i] for i in window)
+        synced = [b for b in self.synced if first <= b <= last]
+        wasted = [b for b in synced if b != last]
+        if not wasted:
+            return []
+        self.wasted_allreduces += len(wasted)
+        n = last - first + 1
+        detail = {"wasted": len(wasted), "passes": n, "share": round(100 * len(wasted) / len(synced))}
+        return [Occurrence(k.REDUNDANT_SYNC, tuple(window), step, wasted[0], detail)]
 
     def finish(self, trainable: Sequence[bool]) -> list[Occurrence]:
         """End-of-run checks: contributions never consumed, and parameters that never got a gradient."""

@@ -16,16 +16,19 @@ def render_report(
     n_watched: int,
     findings: Sequence[Finding],
     status: str,
+    *,
+    totals: bool = True,
 ) -> str:
-    """A short text: what was watched, what ran, and each finding with its fix."""
+    """A short text: what was watched, what ran (unless not ``totals``), and each finding with its fix."""
     steps_text = ", ".join(f"optimizer[{i}]: {n}" for i, n in enumerate(steps)) if len(steps) > 1 else str(steps[0])
-    lines = [
-        f"gradwatch report ({status})",
-        f"  watched parameters: {n_watched}",
-        f"  backward passes:    {backwards}",
-        f"  optimizer steps:    {steps_text}",
-        f"  gradient clears:    {clears}",
-    ]
+    lines = [f"gradwatch report ({status})"]
+    if totals:
+        lines += [
+            f"  watched parameters: {n_watched}",
+            f"  backward passes:    {backwards}",
+            f"  optimizer steps:    {steps_text}",
+            f"  gradient clears:    {clears}",
+        ]
     if not findings:
         lines.append("  no findings: every gradient contribution was consumed by exactly one step.")
         return "\n".join(lines)

@@ -39,6 +39,7 @@ class Tracker:
         sinks: Sinks | None = None,
         scaler: Any = None,
         on_new_params: Callable[[list[str]], None] = lambda names: None,
+        ddp: torch.nn.Module | None = None,
     ) -> None:
         n = len(params)
         self.ledger = Ledger(owners, len(optimizers), accumulation_steps)
@@ -60,6 +61,10 @@ class Tracker:
         self.measuring_contributions = bool(sinks) and sinks.contributions_due(0)  # type: ignore[union-attr]
         self._on_internal_error = on_internal_error
         self._on_new_params = on_new_params
+        self._ddp = weakref.ref(ddp) if ddp is not None else None
+        # DDP rebinds .grad to views of its flat buckets (which share one version counter): under it, only None
+        # counts as a clear made by hand and every hook call as a contribution
+        self._rebinds = ddp is not None
         self.stopped = False
 
     # -- Receiver ----------------------------------------------------------------------------------
@@ -105,18 +110,23 @@ class Tracker:
                 continue
             ref = self._grad_refs[i]
             if ref is None or ref() is not grad:
-                if ref is not None and grad.grad_fn is None and (ledger.fresh[i] or ledger.consumed[i]):
+                if ref is not None and not self._same_grad(i, grad) and (ledger.fresh[i] or ledger.consumed[i]):
                     cleared.append(i)  # .grad was set to None or replaced since we last saw it
                 self._grad_refs[i] = weakref.ref(grad)
-            elif grad._version == self._grad_versions[i]:
+            elif grad._version == self._grad_versions[i] and not self._rebinds:
                 continue  # same tensor, untouched: the hook fired for an undefined gradient
             self._grad_versions[i] = grad._version
             contributed.append(i)
         out = self._clear(cleared, SET_TO_NONE) if cleared else []
         backward = ledger.backwards
         out += ledger.backward(contributed)
+        synced = None
+        if self._ddp is not None and contributed:
+            synced = bool(getattr(self._ddp(), "require_forward_param_sync", False))  # set by DDP at the forward
+            if synced:
+                ledger.backward_synced()
         if self._sinks is not None:
-            self._sinks.call("backward", backward, contributed)
+            self._sinks.call("backward", backward, contributed, synced)
             if incoming:
                 self._queue_contributions(backward, [i for i in contributed if i in incoming], incoming)
         if self._zeroed:
@@ -431,7 +441,7 @@ class Tracker:
 
     def _same_grad(self, i: int, grad: torch.Tensor) -> bool:
         ref = self._grad_refs[i]
-        return grad.grad_fn is not None or (ref is not None and ref() is grad)
+        return self._rebinds or grad.grad_fn is not None or (ref is not None and ref() is grad)
 
     def _layout(self, opt_index: int, optimizer: torch.optim.Optimizer) -> tuple[int, list[int]]:
         """(parameter count, index of each parameter the optimizer books or NO_OWNER), in its own order."""

@@ -21,6 +21,7 @@ from .sinks.trace import TraceSink
 from .traces import TRACE_NAME
 from .tracker import Tracker
 
+DDP = torch.nn.parallel.DistributedDataParallel
 Optimizers = Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer]]
 
 FINITE_CHECKS = ("step", "backward")
@@ -40,7 +41,8 @@ class Watcher:
         sinks: Sequence[Sink] = (),
         scaler: Any = None,
     ) -> None:
-        params, names, owners = _collect(model, optimizers)
+        ddp = model if isinstance(model, DDP) else None
+        params, names, owners = _collect(model.module if ddp is not None else model, optimizers)
         self._sinks = Sinks(sinks, warn)
         self._log = FindingLog(names, on_finding, self._finding_to_sinks if sinks else None)
         self._on_finding = on_finding
@@ -56,13 +58,15 @@ class Watcher:
             sinks=self._sinks,
             scaler=scaler,
             on_new_params=self._log.add_names,
+            ddp=ddp,
         )
         if sinks:
             layout = tuple(
                 (type(opt).__name__, tuple(i for i, owner in enumerate(owners) if owner == o))
                 for o, opt in enumerate(optimizers)
             )
-            self._sinks.call("started", RunInfo(tuple(names), layout, accumulation_steps))
+            rank, world_size = _distributed()
+            self._sinks.call("started", RunInfo(tuple(names), layout, accumulation_steps, rank, world_size))
         self._hooks = HookSet(self._tracker)
         self._targets = [weakref.ref(model), *(weakref.ref(o) for o in optimizers)]
         self._hooks.install(
@@ -214,6 +218,12 @@ def watch(
                 "detach() that watcher first (one watcher per model and optimizer)"
             )
     sinks: list[Sink] = []
+    rank, _ = _distributed()
+    if rank is not None:  # each rank writes its own TensorBoard run and trace
+        logdir = os.path.join(os.fspath(logdir), f"rank{rank}") if logdir is not None else None
+        if trace is not None:
+            base, ext = os.path.splitext(os.fspath(trace))
+            trace = f"{base}.rank{rank}{ext}"
     try:
         if trace is None and logdir is not None:
             trace = os.path.join(os.fspath(logdir), TRACE_NAME)
@@ -227,6 +237,14 @@ def watch(
         where = os.fspath(logdir if logdir is not None else trace)  # type: ignore[arg-type]
         raise ValueError(f"cannot write gradwatch's logs at {where!r}: {error}") from None
     return Watcher(model, optimizers, accumulation_steps, on_finding, finite_check, sinks, scaler)
+
+
+def _distributed() -> tuple[int | None, int | None]:
+    """(rank, world size) under torch.distributed with more than one process, else (None, None). No collective."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return None, None
 
 
 def _optimizers(optimizer: Optimizers) -> list[torch.optim.Optimizer]:

@@ -56,3 +56,17 @@ def test_lightning_example_is_clean():
     result = _run("lightning_fit.py")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no findings" in result.stdout
+
+
+def test_ddp_example_reports_the_redundant_sync_on_both_ranks(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "ddp_accumulation.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "rank 0: ['redundant-sync']" in result.stdout and "rank 1: ['redundant-sync']" in result.stdout
+    assert "across 2 ranks: every step consumed the same number of backward passes" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0", "rank1"]

@@ -135,3 +135,21 @@ def test_a_step_of_an_optimizer_booking_no_parameters_is_not_empty():
     ledger.step_begin(1)
     assert ledger.step_end(1, []) == []
     assert ledger.steps == [0, 1]
+
+
+def test_all_reduces_before_the_last_backward_of_a_window_are_redundant():
+    ledger = Ledger([0, 0], 1, accumulation_steps=3)
+    for synced in (True, False, True):  # the first pass forgot no_sync(), the last one must all-reduce
+        ledger.backward([0, 1])
+        if synced:
+            ledger.backward_synced()
+    (occ,) = ledger.step_end(0, [0, 1])
+    assert (occ.kind, occ.params, occ.step, occ.backward) == ("redundant-sync", (0, 1), 0, 0)
+    assert occ.detail == {"wasted": 1, "passes": 3, "share": 50}
+    ledger.clear([0, 1], "zero_grad")
+    for synced in (False, False, True):  # the correct pattern
+        ledger.backward([0, 1])
+        if synced:
+            ledger.backward_synced()
+    assert ledger.step_end(0, [0, 1]) == []
+    assert (ledger.allreduces, ledger.wasted_allreduces) == (3, 1)

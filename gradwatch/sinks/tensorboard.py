@@ -106,8 +106,10 @@ class TensorBoardSink:
         if len(self._timeline) < timeline.MAX_EVENTS or event["event"] == "finding":
             self._timeline.append(event)
 
-    def backward(self, backward: int, params: Sequence[int]) -> None:
+    def backward(self, backward: int, params: Sequence[int], synced: bool | None) -> None:
         self._writer.add_scalar("lifecycle/params_per_backward", len(params), backward)
+        if synced is not None:
+            self._writer.add_scalar("lifecycle/allreduce", float(synced), backward)
         self._remember({"event": "backward", "backward": backward})
 
     def contributions(self, backward: int, params: Sequence[int], norms: Sequence[float]) -> None:

@@ -37,11 +37,15 @@ class TraceSink:
                 "params": list(info.params),
                 "optimizers": optimizers,
                 "accumulation_steps": info.accumulation_steps,
+                **({"rank": info.rank, "world_size": info.world_size} if info.rank is not None else {}),
             }
         )
 
-    def backward(self, backward: int, params: Sequence[int]) -> None:
-        self._write({"event": "backward", "backward": backward, "params": list(params)})
+    def backward(self, backward: int, params: Sequence[int], synced: bool | None) -> None:
+        line = {"event": "backward", "backward": backward, "params": list(params)}
+        if synced is not None:
+            line["synced"] = synced
+        self._write(line)
 
     def step(self, record: StepRecord) -> None:
         line = {

@@ -1,0 +1,120 @@
+"""Training loops run by each rank of the DDP tests (imported by the spawned processes, not collected)."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import gradwatch
+
+ACC = 2
+N_BATCHES = 8
+
+
+def _setup(rank: int, bucket_view: bool = False) -> tuple[DDP, torch.optim.Optimizer, list]:
+    torch.manual_seed(0)  # the same initial weights on every rank (DDP also broadcasts them)
+    model = DDP(torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.Linear(8, 1)), gradient_as_bucket_view=bucket_view)
+    g = torch.Generator().manual_seed(100 + rank)  # each rank its own shard of data
+    data = [(torch.randn(4, 10, generator=g), torch.randn(4, 1, generator=g)) for _ in range(N_BATCHES)]
+    return model, torch.optim.SGD(model.parameters(), lr=0.01), data
+
+
+def _micro_batch(model: DDP, x: torch.Tensor, y: torch.Tensor, sync: bool) -> None:
+    if sync:
+        (torch.nn.functional.mse_loss(model(x), y) / ACC).backward()
+    else:
+        with model.no_sync():
+            (torch.nn.functional.mse_loss(model(x), y) / ACC).backward()
+
+
+def _loop(
+    rank: int,
+    logdir: str,
+    *,
+    bucket_view: bool = False,
+    set_to_none: bool = True,
+    use_no_sync: bool = True,
+    zero_grad: bool = True,
+    zero_grad_in_window: bool = False,
+    extra_backward_on_rank1: bool = False,
+    watched: bool = True,
+) -> tuple[gradwatch.Watcher | None, list[torch.Tensor]]:
+    model, opt, data = _setup(rank, bucket_view)
+    w = gradwatch.watch(model, opt, accumulation_steps=ACC, logdir=logdir, on_finding="record") if watched else None
+    with w or contextlib.nullcontext():
+        opt.zero_grad(set_to_none=set_to_none)
+        for i, (x, y) in enumerate(data):
+            last_of_window = (i + 1) % ACC == 0
+            if extra_backward_on_rank1 and rank == 1 and i == 2:
+                _micro_batch(model, x, y, sync=False)  # a rank-dependent extra pass (local: no collective)
+            _micro_batch(model, x, y, sync=last_of_window or not use_no_sync)
+            if zero_grad_in_window and not last_of_window:
+                opt.zero_grad(set_to_none=set_to_none)
+            if last_of_window:
+                opt.step()
+                if zero_grad:
+                    opt.zero_grad(set_to_none=set_to_none)
+    return w, [p.detach().clone() for p in model.parameters()]
+
+
+def _findings(rank: int, logdir: str, **loop: bool) -> list[dict]:
+    w, _ = _loop(rank, logdir, **loop)
+    assert w is not None
+    return [
+        {
+            "kind": f.kind,
+            "severity": f.severity,
+            "step": f.step,
+            "backward": f.backward,
+            "params": list(f.params),
+            "count": f.count,
+            "message": f.message,
+        }
+        for f in w.findings
+    ]
+
+
+def _unchanged(rank: int, logdir: str) -> bool:
+    """The same buggy DDP run with and without the watch ends with the same weights, bit for bit."""
+    _, plain = _loop(rank, logdir, bucket_view=True, zero_grad=False, watched=False)
+    _, watched = _loop(rank, logdir, bucket_view=True, zero_grad=False)
+    return all(torch.equal(a, b) for a, b in zip(plain, watched, strict=True))
+
+
+SCENARIOS: dict[str, Callable[[int, str], Any]] = {
+    "no_sync": lambda rank, logdir: _findings(rank, logdir),
+    "no_sync_bucket_view": lambda rank, logdir: _findings(rank, logdir, bucket_view=True),
+    "no_sync_bucket_view_zeroed": lambda rank, logdir: _findings(rank, logdir, bucket_view=True, set_to_none=False),
+    "missing_zero_grad": lambda rank, logdir: _findings(rank, logdir, bucket_view=True, zero_grad=False),
+    "missing_zero_grad_plain": lambda rank, logdir: _findings(rank, logdir, zero_grad=False),
+    "sync_every_backward": lambda rank, logdir: _findings(rank, logdir, use_no_sync=False),
+    "zero_grad_in_window": lambda rank, logdir: _findings(rank, logdir, bucket_view=True, zero_grad_in_window=True),
+    "divergent": lambda rank, logdir: _findings(rank, logdir, extra_backward_on_rank1=True),
+    "weights_unchanged_by_the_watch": _unchanged,
+}
+
+
+def run_rank(rank: int, world_size: int, port: int, out_dir: str, names: list[str]) -> None:
+    """Entry point of one spawned rank: run the scenarios, write this rank's findings as JSON."""
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    results = {}
+    try:
+        for name in names:
+            results[name] = SCENARIOS[name](rank, os.path.join(out_dir, name))
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)

@@ -1,0 +1,124 @@
+"""DistributedDataParallel: two gloo ranks on 127.0.0.1, spawned once for every scenario, bounded in time."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from ddp_scenarios import SCENARIOS, run_rank
+
+from gradwatch import load_trace
+from gradwatch.cli import main
+from gradwatch.ranks import load_rank_traces, rank_divergence
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
+)
+RANKS = (0, 1)
+DEADLINE_S = 120
+PARAMS = ["0.weight", "0.bias", "1.weight", "1.bias"]  # the wrapped module's names, without DDP's "module."
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """Run every scenario on two ranks; return the output directory and each rank's findings per scenario."""
+    out = tmp_path_factory.mktemp("ddp")
+    args = (len(RANKS), _free_port(), str(out), list(SCENARIOS))
+    context = mp.start_processes(run_rank, args=args, nprocs=len(RANKS), join=False, start_method="spawn")
+    deadline = time.monotonic() + DEADLINE_S
+    try:
+        while not context.join(timeout=2):  # re-raises a rank's exception with its traceback
+            if time.monotonic() > deadline:
+                pytest.fail(f"the DDP ranks did not finish within {DEADLINE_S} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+            process.join(5)
+    return out, {r: json.loads((out / f"rank{r}.json").read_text()) for r in RANKS}
+
+
+def _kinds(findings):
+    return [(f["kind"], f["step"], f["backward"], f["count"]) for f in findings]
+
+
+@pytest.mark.parametrize("scenario", ["no_sync", "no_sync_bucket_view", "no_sync_bucket_view_zeroed"])
+def test_accumulation_with_no_sync_is_clean_on_every_rank(ddp_run, scenario):
+    _, results = ddp_run
+    assert [results[r][scenario] for r in RANKS] == [[], []]
+
+
+@pytest.mark.parametrize("scenario", ["missing_zero_grad_plain", "missing_zero_grad"], ids=["copies", "bucket-views"])
+def test_missing_zero_grad_is_found_on_every_rank(ddp_run, scenario):
+    _, results = ddp_run
+    for r in RANKS:
+        (finding,) = results[r][scenario]
+        assert _kinds([finding]) == [("uncleared-gradient", 1, 2, 3)]
+        assert finding["params"] == PARAMS
+
+
+def test_all_reduce_on_every_backward_of_a_window_is_a_redundant_sync(ddp_run):
+    _, results = ddp_run
+    for r in RANKS:
+        (finding,) = results[r]["sync_every_backward"]
+        assert (finding["kind"], finding["severity"]) == ("redundant-sync", "warning")
+        assert _kinds([finding]) == [("redundant-sync", 0, 0, 4)]  # every window; backward 0 wasted first
+        assert "1 of the 2 backward passes" in finding["message"] and "50%" in finding["message"]
+        assert "model.no_sync()" in finding["message"]
+
+
+def test_zero_grad_inside_a_no_sync_window_discards_it(ddp_run):
+    _, results = ddp_run
+    for r in RANKS:
+        assert _kinds(results[r]["zero_grad_in_window"]) == [
+            ("discarded-gradient", 0, 1, 4),
+            ("accumulation-mismatch", 0, 2, 4),
+        ]
+
+
+def test_each_rank_writes_its_own_tensorboard_run_and_trace(ddp_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = ddp_run
+    for r in RANKS:
+        run = out / "no_sync" / f"rank{r}"
+        trace = load_trace(run)
+        assert (trace.run["rank"], trace.run["world_size"], list(trace.params)) == (r, 2, PARAMS)
+        assert [e["synced"] for e in trace.of("backward")] == [False, True] * 4  # no_sync, then the last pass
+        events = EventAccumulator(str(run))
+        events.Reload()
+        assert [e.value for e in events.Scalars("lifecycle/allreduce")] == [0.0, 1.0] * 4
+
+
+def test_report_over_the_rank_traces_finds_rank_divergence(ddp_run, capsys):
+    out, results = ddp_run
+    assert results[0]["divergent"] == []  # rank 0 alone sees nothing wrong
+    assert _kinds(results[1]["divergent"]) == [("accumulation-mismatch", 1, 5, 1)]
+    assert main(["report", str(out / "divergent")]) == 1
+    text = capsys.readouterr().out
+    assert "rank-divergence at step 1" in text
+    assert "rank 0 consumed 2 backward pass(es), rank 1 consumed 3 backward pass(es)" in text
+    (finding,) = rank_divergence(load_rank_traces(out / "divergent"))
+    assert (finding.kind, finding.severity, finding.step) == ("rank-divergence", "error", 1)
+    assert finding.params == tuple(PARAMS)
+
+
+def test_report_over_agreeing_ranks_is_clean(ddp_run, capsys):
+    out, _ = ddp_run
+    assert main(["report", str(out / "no_sync")]) == 0
+    assert "across 2 ranks: every step consumed the same number of backward passes" in capsys.readouterr().out
+
+
+def test_training_numbers_under_ddp_are_identical_bit_for_bit(ddp_run):
+    _, results = ddp_run
+    assert [results[r]["weights_unchanged_by_the_watch"] for r in RANKS] == [True, True]
