@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import weakref
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
@@ -18,6 +19,11 @@ from .findings import GradientBugError
 
 _current_task: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", lambda: 0)
 _queue_callback = torch.autograd.Variable._execution_engine.queue_callback
+COMPILED_AUTOGRAD = (
+    "compiled autograd is not supported: its traced backward replays the hooks outside the autograd engine's "
+    "graph tasks, so backward passes cannot be told apart. Turn it off while debugging with gradwatch "
+    "(torch.compile(model) alone is fine)"
+)
 GRAD_SCALER: type = getattr(torch.amp, "GradScaler", None) or torch.cuda.amp.GradScaler  # torch.amp's since 2.3
 
 
@@ -39,6 +45,7 @@ class Receiver(Protocol):
     def on_param_group_added(self, opt_index: int, optimizer: torch.optim.Optimizer) -> list[tuple[int, Any]]: ...
     def on_unfrozen(self, indices: list[int]) -> None: ...
     def internal_error(self, error: BaseException, where: str) -> None: ...
+    def unsupported(self, reason: str) -> None: ...
 
     measuring_contributions: bool  # whether the tensor pre-hooks measure incoming gradients now
 
@@ -52,6 +59,17 @@ def _guard(receiver: Receiver, where: str, call: Callable[..., Any], *args: Any)
     except Exception as error:  # a debugging tool must never break training
         receiver.internal_error(error, where)
         return None
+
+
+def _compiled_autograd_active() -> bool:
+    """Whether compiled autograd is on (``compiled_autograd._enable`` or ``torch._dynamo.config``)."""
+    compiled_autograd = sys.modules.get("torch._dynamo.compiled_autograd")  # never imported: never enabled
+    config = sys.modules.get("torch._dynamo.config")
+    return bool(
+        (config is not None and getattr(config, "compiled_autograd", False))
+        or getattr(compiled_autograd, "compiled_autograd_enabled", False)
+        or getattr(compiled_autograd, "in_compiled_autograd_region", False)
+    )
 
 
 class BackwardGrouper:
@@ -108,6 +126,9 @@ class BackwardGrouper:
         incoming, self.incoming = self.incoming, {}
         self._open.clear()
         self._task = None
+        if _compiled_autograd_active():
+            self._receiver.unsupported(COMPILED_AUTOGRAD)
+            return
         _guard(self._receiver, "backward", self._receiver.on_backward_end, grads, incoming)
 
     def close_stale(self) -> None:
@@ -122,6 +143,7 @@ class _StepHook:
     def __init__(self, hooks: HookSet, opt_index: int, post: bool) -> None:
         self.hooks, self.opt_index, self.post = hooks, opt_index, post
 
+    @torch.compiler.disable  # a compiled optimizer.step() runs the hook eagerly instead of tracing into it
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         hooks = self.hooks
         hooks.grouper.close_stale()

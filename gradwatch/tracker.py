@@ -35,6 +35,7 @@ class Tracker:
         accumulation_steps: int | None,
         emit: Emit,
         on_internal_error: Callable[[BaseException, str], None],
+        on_unsupported: Callable[[str], None] = lambda reason: None,
         finite_check: str = "step",
         sinks: Sinks | None = None,
         scaler: Any = None,
@@ -60,6 +61,7 @@ class Tracker:
         self._sinks = sinks if sinks else None
         self.measuring_contributions = bool(sinks) and sinks.contributions_due(0)  # type: ignore[union-attr]
         self._on_internal_error = on_internal_error
+        self._on_unsupported = on_unsupported
         self._on_new_params = on_new_params
         self._ddp = weakref.ref(ddp) if ddp is not None else None
         # DDP rebinds .grad to views of its flat buckets (which share one version counter): under it, only None
@@ -316,6 +318,12 @@ class Tracker:
         if not self.stopped:
             self.stopped = True
             self._on_internal_error(error, where)
+
+    def unsupported(self, reason: str) -> None:
+        """Stop checking: the training runs in a mode whose events cannot be read right; report once."""
+        if not self.stopped:
+            self.stopped = True
+            self._on_unsupported(reason)
 
     def adopt_existing_gradients(self, indices: Iterable[int] | None = None) -> None:
         """Attaching mid-run: the gradients already there (in ``indices``, default all) are one fresh window of

@@ -54,6 +54,7 @@ class Watcher:
             accumulation_steps,
             emit=self._log.record,
             on_internal_error=self._report_error,
+            on_unsupported=self._report_unsupported,
             finite_check=finite_check,
             sinks=self._sinks,
             scaler=scaler,
@@ -154,6 +155,10 @@ class Watcher:
 
     def _finding_to_sinks(self, finding: Finding) -> None:
         self._sinks.call("finding", finding)
+
+    def _report_unsupported(self, reason: str) -> None:
+        self._internal_error = reason
+        warn(f"gradwatch stopped checking: {reason}. Training is not affected.")
 
     def _report_error(self, error: BaseException, where: str) -> None:
         self._internal_error = f"internal error in {where}: {error!r}"
