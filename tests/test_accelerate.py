@@ -1,0 +1,44 @@
+"""Hugging Face Accelerate: ``accelerator.accumulate(model)`` loops (optional: skipped without accelerate)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import kinds, reference_data, reference_model, the, watch
+
+accelerate = pytest.importorskip("accelerate")
+ACC = 2
+
+
+def _fit(*, use_accumulate=True, zero_grad=True):
+    accelerator = accelerate.Accelerator(gradient_accumulation_steps=ACC, cpu=True)
+    model, opt = reference_model()
+    model, opt = accelerator.prepare(model, opt)  # opt becomes an AcceleratedOptimizer wrapping the SGD
+    w = watch(model, opt, accumulation_steps=ACC)
+    for x, y in reference_data():
+        with accelerator.accumulate(model) if use_accumulate else accelerator.no_sync(model):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            accelerator.backward(loss)  # divides by the accumulation steps
+            opt.step()  # a no-op until the window's last micro-batch
+            if zero_grad:
+                opt.zero_grad()  # likewise
+    w.detach()
+    return w
+
+
+def test_accumulate_loop_is_clean():
+    w = _fit()
+    assert w.findings == []
+    assert w._tracker.ledger.steps == [4]
+
+
+def test_missing_zero_grad_in_an_accumulate_loop():
+    w = _fit(zero_grad=False)
+    finding = the(w, "uncleared-gradient")
+    assert (finding.params, finding.step, finding.backward) == (("weight", "bias"), 1, 2)
+
+
+def test_forgetting_accelerator_accumulate_steps_every_micro_batch():
+    w = _fit(use_accumulate=False)  # gradient_accumulation_steps is set, but nothing tells Accelerate the windows
+    assert kinds(w) == {"accumulation-mismatch"}
+    assert the(w, "accumulation-mismatch").message.startswith("optimizer step 0 consumed 1 backward pass(es)")
