@@ -28,9 +28,18 @@ def test_overlapping_optimizers_warn_once_and_raise_no_false_alarm():
     assert w._tracker.ledger.steps == [4, 4]
 
 
-def test_lr_scheduler_is_clean():
+SCHEDULERS = {
+    "step": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5),
+    "one-cycle": lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=4),
+}
+
+
+@pytest.mark.parametrize("forget_zero_grad", [False, True])
+@pytest.mark.parametrize("make", SCHEDULERS.values(), ids=SCHEDULERS.keys())
+def test_lr_schedulers(make, forget_zero_grad):
     model, opt = reference_model()
-    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    scheduler = make(opt)
+    lrs = []
     with watch(model, opt, accumulation_steps=ACC) as w:
         opt.zero_grad()
         for i, (x, y) in enumerate(reference_data()):
@@ -38,9 +47,15 @@ def test_lr_scheduler_is_clean():
             if (i + 1) % ACC == 0:
                 opt.step()
                 scheduler.step()
-                opt.zero_grad()
-    assert w.findings == []
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5**4)
+                lrs.append(opt.param_groups[0]["lr"])
+                if not forget_zero_grad:
+                    opt.zero_grad()
+    assert len(set(lrs)) > 1  # the schedule really moved the learning rate
+    if forget_zero_grad:
+        assert kinds(w) == {"uncleared-gradient"}
+        assert the(w, "uncleared-gradient").step == 1
+    else:
+        assert w.findings == []
 
 
 IMPLEMENTATIONS = {
