@@ -119,3 +119,34 @@ def test_findings_match_the_reference_rules(ops, accumulation_steps):
     assert found_first == ref.first, (ops, w.findings)
     counts = {f.kind: f.count for f in w.findings}
     assert all(c >= 1 for c in counts.values())
+
+
+DDP_EVENTS = st.lists(st.sampled_from(["synced", "local", "step", "clear"]), max_size=40)
+
+
+@given(DDP_EVENTS)
+def test_redundant_syncs_are_the_all_reduces_before_the_last_pass_of_each_consumed_window(events):
+    from gradwatch.ledger import Ledger
+
+    ledger = Ledger([0, 0], 1)
+    window: list[bool] = []  # the naive model: sync flags of the backward passes since the last step or clear
+    expected_steps, expected_wasted, reported_steps = [], 0, []
+    for event in events:
+        if event in ("synced", "local"):
+            ledger.backward([0, 1])
+            if event == "synced":
+                ledger.backward_synced()
+            window.append(event == "synced")
+        elif event == "clear":
+            ledger.clear([0, 1], "zero_grad")
+            window = []
+        else:
+            wasted = sum(window[:-1])
+            if wasted:
+                expected_steps.append(ledger.steps[0])
+                expected_wasted += wasted
+            window = []
+            reported_steps += [o.step for o in ledger.step_end(0, [0, 1]) if o.kind == "redundant-sync"]
+    assert reported_steps == expected_steps
+    assert ledger.wasted_allreduces == expected_wasted
+    assert ledger.allreduces == events.count("synced")
