@@ -150,3 +150,31 @@ def test_redundant_syncs_are_the_all_reduces_before_the_last_pass_of_each_consum
     assert reported_steps == expected_steps
     assert ledger.wasted_allreduces == expected_wasted
     assert ledger.allreduces == events.count("synced")
+
+
+AMP_EVENTS = st.lists(st.sampled_from(["backward", "clip", "unscale", "step", "clear"]), max_size=40)
+
+
+@given(AMP_EVENTS)
+def test_a_clip_is_reported_exactly_when_a_backward_pass_came_after_the_last_unscale(events):
+    from gradwatch.ledger import Ledger
+
+    ledger = Ledger([0, 0], 1)
+    scaled = False  # the naive model: the .grad holds a contribution that no unscale_ has divided yet
+    expected, reported = [], []
+    for event in events:
+        if event == "backward":
+            ledger.backward([0, 1])
+            scaled = True
+        elif event == "clip":
+            expected.append(scaled)
+            reported.append(bool(ledger.clip(0, [0, 1], "clip_grad_norm_", scaled=True)))
+        elif event == "unscale":
+            ledger.unscaled(0)
+            scaled = False
+        elif event == "step":
+            ledger.step_end(0, [0, 1])
+        else:
+            ledger.clear([0, 1], "zero_grad")
+            scaled = False
+    assert reported == expected
