@@ -143,7 +143,6 @@ class _StepHook:
     def __init__(self, hooks: HookSet, opt_index: int, post: bool) -> None:
         self.hooks, self.opt_index, self.post = hooks, opt_index, post
 
-    @torch.compiler.disable  # a compiled optimizer.step() runs the hook eagerly instead of tracing into it
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         hooks = self.hooks
         hooks.grouper.close_stale()
@@ -345,8 +344,11 @@ class HookSet:
         try:
             self.hook_params(params)
             for opt_index, optimizer in enumerate(optimizers):
-                self._handles.append(optimizer.register_step_pre_hook(_StepHook(self, opt_index, post=False)))
-                self._handles.append(optimizer.register_step_post_hook(_StepHook(self, opt_index, post=True)))
+                # disabled for dynamo: a compiled optimizer.step() runs them eagerly instead of tracing into them
+                # (done here, not at import: torch.compiler.disable imports dynamo, as the first step does anyway)
+                pre, post = (torch.compiler.disable(_StepHook(self, opt_index, post)) for post in (False, True))
+                self._handles.append(optimizer.register_step_pre_hook(pre))
+                self._handles.append(optimizer.register_step_post_hook(post))
                 self._wrap(optimizer, "zero_grad", opt_index, _before_zero_grad, _after_zero_grad)
                 self._wrap(optimizer, "add_param_group", opt_index, None, _after_add_param_group)
                 self._optimizer_indices[id(optimizer)] = (weakref.ref(optimizer), opt_index)
