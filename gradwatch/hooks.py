@@ -51,7 +51,8 @@ class Receiver(Protocol):
 
 
 def _guard(receiver: Receiver, where: str, call: Callable[..., Any], *args: Any) -> Any:
-    """Run a receiver call; only GradientBugError (on_finding="raise") may reach the training loop."""
+    """Run a receiver (or hook-installing) call; only GradientBugError (on_finding="raise") may reach the
+    training loop, any other error stops the checks through ``receiver.internal_error``."""
     try:
         return call(*args)
     except (GradientBugError, Warning):  # on_finding="raise", or the user turned warnings into errors
@@ -127,7 +128,7 @@ class BackwardGrouper:
         self._open.clear()
         self._task = None
         if _compiled_autograd_active():
-            self._receiver.unsupported(COMPILED_AUTOGRAD)
+            _guard(self._receiver, "backward", self._receiver.unsupported, COMPILED_AUTOGRAD)
             return
         _guard(self._receiver, "backward", self._receiver.on_backward_end, grads, incoming)
 
@@ -147,7 +148,7 @@ class _StepHook:
         hooks = self.hooks
         hooks.grouper.close_stale()
         if not self.post and hooks.frozen:
-            hooks.hook_unfrozen()
+            _guard(hooks.receiver, "optimizer.step", hooks.hook_unfrozen)
         call = hooks.receiver.on_step_post if self.post else hooks.receiver.on_step_pre
         _guard(hooks.receiver, "optimizer.step", call, self.opt_index, optimizer)
 
@@ -197,7 +198,7 @@ def _after_zero_grad(hooks: HookSet, opt_index: int, optimizer: torch.optim.Opti
 
 def _after_add_param_group(hooks: HookSet, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
     added = _guard(hooks.receiver, "add_param_group", hooks.receiver.on_param_group_added, opt_index, optimizer)
-    hooks.hook_params(added or ())
+    _guard(hooks.receiver, "add_param_group", hooks.hook_params, added or ())
 
 
 class _GlobalPatch:

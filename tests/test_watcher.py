@@ -257,6 +257,21 @@ def test_internal_error_is_reported_once_and_contained(monkeypatch):
     assert "stopped checking: internal error in optimizer.step" in w.report()
 
 
+def test_an_error_while_hooking_an_added_parameter_group_is_contained(monkeypatch):
+    model, opt = reference_model()
+    w = watch(model, opt)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("hook registration failed")
+
+    monkeypatch.setattr(w._hooks, "hook_params", broken)
+    with pytest.warns(GradientWarning, match="internal error in add_param_group"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))]})  # the user's call still succeeds
+    assert len(opt.param_groups) == 2
+    reference_loop(model, opt, reference_data())
+    w.detach()
+
+
 def test_pickling_and_saving_work_while_watched():
     model, opt = reference_model()
     with watch(model, opt):
