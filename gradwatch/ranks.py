@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Sequence
 
@@ -10,14 +11,25 @@ from .traces import TRACE_NAME, Trace, load_trace
 
 
 def load_rank_traces(path: str | os.PathLike[str]) -> list[Trace]:
-    """The traces of every rank under a log directory (``<logdir>/rank<r>/``), by rank; [] if it holds none."""
+    """The traces of every rank under a log directory (``<logdir>/rank<r>/``), by rank; [] unless it holds the
+    traces of two ranks or more. Only their first lines are read to tell."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         return []
     files = [os.path.join(root, TRACE_NAME) for root, _, names in os.walk(path) if TRACE_NAME in names]
-    traces = [load_trace(f) for f in files]
-    ranked = {t.run["rank"]: t for t in traces if isinstance(t.run.get("rank"), int)}
-    return [ranked[r] for r in sorted(ranked)] if len(ranked) > 1 else []
+    ranked = {rank: f for f in files if (rank := _rank_of(f)) is not None}
+    return [load_trace(ranked[r]) for r in sorted(ranked)] if len(ranked) > 1 else []
+
+
+def _rank_of(trace_file: str) -> int | None:
+    """The rank in a trace's run header, without reading the rest (None when absent or unreadable)."""
+    with open(trace_file, encoding="utf-8") as f:
+        try:
+            header = json.loads(f.readline())
+        except json.JSONDecodeError:
+            return None
+    rank = header.get("rank") if isinstance(header, dict) else None
+    return rank if isinstance(rank, int) else None
 
 
 def rank_divergence(traces: Sequence[Trace]) -> list[Finding]:
