@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 import gradwatch
@@ -19,8 +21,11 @@ def reference_model(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimiz
     return model, torch.optim.SGD(model.parameters(), lr=0.01)
 
 
-def reference_loop(model, optimizer, data, accumulation_steps: int = 2, zero_grad: bool = True) -> None:
-    """The loop of shared/reference_loop.py, without the prints; ``zero_grad=False`` plants the classic bug."""
+def reference_loop(
+    model, optimizer, data, accumulation_steps: int = 2, zero_grad: bool = True, after_step: Callable | None = None
+) -> None:
+    """The loop of shared/reference_loop.py, without the prints; ``zero_grad=False`` plants the classic bug,
+    ``after_step`` runs right after each ``optimizer.step()`` (a scheduler, a second optimizer)."""
     criterion = torch.nn.MSELoss()
     optimizer.zero_grad()
     for i, (inputs, labels) in enumerate(data):
@@ -28,6 +33,8 @@ def reference_loop(model, optimizer, data, accumulation_steps: int = 2, zero_gra
         loss.backward()
         if (i + 1) % accumulation_steps == 0:
             optimizer.step()
+            if after_step is not None:
+                after_step()
             if zero_grad:
                 optimizer.zero_grad()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import kinds, mse, reference_data, reference_loop, reference_model, the, watch
+from helpers import kinds, reference_data, reference_loop, reference_model, the, watch
 
 from gradwatch import GradientWarning
 
@@ -16,13 +16,7 @@ def test_overlapping_optimizers_warn_once_and_raise_no_false_alarm():
     second = torch.optim.SGD(model.parameters(), lr=0.0)  # e.g. a second optimizer over the same weights
     with pytest.warns(GradientWarning, match=r"2 parameter\(s\) belong to more than one optimizer: weight"):
         w = watch(model, [opt, second], accumulation_steps=ACC)
-    opt.zero_grad()
-    for i, (x, y) in enumerate(reference_data()):
-        mse(model, x, y, ACC).backward()
-        if (i + 1) % ACC == 0:
-            opt.step()
-            second.step()
-            opt.zero_grad()
+    reference_loop(model, opt, reference_data(), ACC, after_step=second.step)
     w.detach()
     assert w.findings == []
     assert w._tracker.ledger.steps == [4, 4]
@@ -40,16 +34,13 @@ def test_lr_schedulers(make, forget_zero_grad):
     model, opt = reference_model()
     scheduler = make(opt)
     lrs = []
+
+    def schedule():
+        scheduler.step()
+        lrs.append(opt.param_groups[0]["lr"])
+
     with watch(model, opt, accumulation_steps=ACC) as w:
-        opt.zero_grad()
-        for i, (x, y) in enumerate(reference_data()):
-            mse(model, x, y, ACC).backward()
-            if (i + 1) % ACC == 0:
-                opt.step()
-                scheduler.step()
-                lrs.append(opt.param_groups[0]["lr"])
-                if not forget_zero_grad:
-                    opt.zero_grad()
+        reference_loop(model, opt, reference_data(), ACC, zero_grad=not forget_zero_grad, after_step=schedule)
     assert len(set(lrs)) > 1  # the schedule really moved the learning rate
     if forget_zero_grad:
         assert kinds(w) == {"uncleared-gradient"}
