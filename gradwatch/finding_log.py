@@ -14,6 +14,7 @@ from .ledger import Occurrence
 OnFinding = Union[str, Callable[[Finding], None]]
 POLICIES = ("warn", "raise", "record")
 MAX_DISTINCT = 1000  # past this many distinct findings, new ones are counted into the first of their kind
+MAX_PER_KIND = 8  # past this many distinct findings of one kind (other parameters each step), the same
 _INTERNAL_DIRS = tuple(
     os.path.dirname(os.path.abspath(path)) + os.sep for path in (__file__, sys.modules["torch"].__file__ or "")
 )
@@ -44,6 +45,7 @@ class FindingLog:
         self.findings: list[Finding] = []
         self._position: dict[tuple[str, tuple[int, ...]], int] = {}
         self._first_of_kind: dict[str, int] = {}
+        self._per_kind: dict[str, int] = {}
         self._callback_failed = False
 
     def add_names(self, names: Sequence[str]) -> None:
@@ -58,7 +60,7 @@ class FindingLog:
         for occ in occurrences:
             key = (occ.kind, occ.params)
             pos = self._position.get(key)
-            if pos is None and len(self.findings) >= MAX_DISTINCT:
+            if pos is None and (len(self.findings) >= MAX_DISTINCT or self._per_kind.get(occ.kind, 0) >= MAX_PER_KIND):
                 pos = self._first_of_kind.get(occ.kind)
             if pos is not None:
                 self.findings[pos] = replace(self.findings[pos], count=self.findings[pos].count + 1)
@@ -68,6 +70,7 @@ class FindingLog:
             finding = Finding(occ.kind, SEVERITY[occ.kind], occ.step, occ.backward, names, message)
             self._position[key] = len(self.findings)
             self._first_of_kind.setdefault(occ.kind, len(self.findings))
+            self._per_kind[occ.kind] = self._per_kind.get(occ.kind, 0) + 1
             self.findings.append(finding)
             new.append(finding)
             if self._on_new is not None:

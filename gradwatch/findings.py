@@ -18,6 +18,7 @@ CLIP_BEFORE_UNSCALE = "clip-before-unscale"
 SKIPPED_STEP = "skipped-step"
 REDUNDANT_SYNC = "redundant-sync"
 RANK_DIVERGENCE = "rank-divergence"
+PRE_EXISTING = "pre-existing-gradient"
 
 SEVERITY: Mapping[str, str] = {
     UNCLEARED: "error",
@@ -33,11 +34,13 @@ SEVERITY: Mapping[str, str] = {
     SKIPPED_STEP: "info",
     REDUNDANT_SYNC: "warning",
     RANK_DIVERGENCE: "error",
+    PRE_EXISTING: "warning",
 }
 KINDS: tuple[str, ...] = tuple(SEVERITY)
 
-# Each template gets: params (names, shortened), step, backward, and the occurrence's detail fields.
-_MESSAGES: Mapping[str, str] = {
+# Each template gets: params (names, shortened), step, backward, and the occurrence's detail fields. A kind
+# whose occurrences say ``how`` it happened has one template per way, keyed (kind, how).
+_MESSAGES: Mapping[str | tuple[str, str], str] = {
     UNCLEARED: (
         "backward pass {backward} accumulated into the .grad of {params} that optimizer step {prev_step} had "
         "already consumed, with nothing clearing it in between, so the next step applied that old gradient again. "
@@ -51,7 +54,14 @@ _MESSAGES: Mapping[str, str] = {
     DISCARDED: (
         "{source} cleared {fresh} backward pass(es) of gradient in {params} before any optimizer step "
         "consumed them. Move zero_grad() after optimizer.step() (it must not run inside the accumulation "
-        "window or between backward() and step())."
+        "window or between backward() and step()). If the loop computed that gradient only to read it "
+        "(gradient logging, a look-ahead), compute it with torch.autograd.grad(...) instead, which leaves .grad alone."
+    ),
+    (DISCARDED, "not-stepped"): (
+        "optimizer[{opt}] never stepped on the gradient that backward pass(es) put into {params}: another "
+        "optimizer stepped on those passes, and {source} then found the gradient of {params} unconsumed, so these "
+        "parameters are not (or only sometimes) trained. Call optimizer[{opt}].step() after every backward pass "
+        "window, or freeze them with requires_grad_(False) if they should not train."
     ),
     EMPTY_STEP: (
         "optimizer step {step} ran while none of its parameters ({params}) held a fresh gradient, so it "
@@ -73,8 +83,16 @@ _MESSAGES: Mapping[str, str] = {
     ),
     DANGLING: (
         "at the end of the run {fresh} backward pass(es) of gradient in {params} were never consumed by an "
-        "optimizer step (a partial final accumulation window). Step on the last partial window, or drop it "
-        "explicitly with zero_grad()."
+        "optimizer step (a partial final accumulation window): those batches were never trained on. Step on the "
+        "last, shorter window too (e.g. step when (i + 1) % accumulation_steps == 0 or i + 1 == len(loader)), "
+        "or end the run on a window boundary."
+    ),
+    (DANGLING, "dropped"): (
+        "{source} dropped a partial accumulation window ({fresh} backward pass(es) of gradient in {params}) that "
+        "no optimizer step consumed: those batches were never trained on (an epoch whose length is not a multiple "
+        "of the accumulation steps). Step on the epoch's last, shorter window too (e.g. step when "
+        "(i + 1) % accumulation_steps == 0 or i + 1 == len(loader)), or make the number of batches per epoch a "
+        "multiple of the accumulation steps."
     ),
     UNUSED: (
         "{params} never received a gradient although optimizer steps ran. If that is intended (a frozen or "
@@ -96,6 +114,12 @@ _MESSAGES: Mapping[str, str] = {
         "of {params} across ranks (backward pass {backward} first), although only the window's last one needs "
         "to: {share}% of the window's all-reduces were wasted communication. Run the other backward passes of "
         "each accumulation window (their forward included) inside `with model.no_sync():`."
+    ),
+    PRE_EXISTING: (
+        "optimizer step {step} consumed a gradient that was already in the .grad of {params} when watch() was "
+        "called (a sanity-check backward, or an earlier run, left it there), so the step applied it together with "
+        "the loop's own. Clear the gradients (optimizer.zero_grad()) before the training loop, and call watch() "
+        "before the first backward() so that gradwatch sees where every gradient comes from."
     ),
     RANK_DIVERGENCE: (
         "the ranks disagree at optimizer step {step}: {detail}. Every rank must run the same number of backward "
@@ -143,4 +167,8 @@ def shorten(names: tuple[str, ...], limit: int = 4) -> str:
 
 def format_message(kind: str, params: tuple[str, ...], step: int, backward: int, detail: Mapping[str, object]) -> str:
     """The user-facing message of a finding kind."""
-    return _MESSAGES[kind].format(params=shorten(params), step=step, backward=backward, **detail)
+    how = detail.get("how")
+    template = _MESSAGES.get((kind, how), None) if isinstance(how, str) else None
+    template = template or _MESSAGES[kind]
+    fields = {key: value for key, value in detail.items() if key != "how"}
+    return template.format(params=shorten(params), step=step, backward=backward, **fields)

@@ -11,7 +11,7 @@ import functools
 import inspect
 import sys
 import weakref
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -44,8 +44,17 @@ class Receiver(Protocol):
     def after_scaler_step(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None: ...
     def on_param_group_added(self, opt_index: int, optimizer: torch.optim.Optimizer) -> list[tuple[int, Any]]: ...
     def on_unfrozen(self, indices: list[int]) -> None: ...
+    def on_step_in_backward(
+        self, grads: dict[int, torch.Tensor | None], opt_index: int, optimizer: torch.optim.Optimizer
+    ) -> None: ...
     def internal_error(self, error: BaseException, where: str) -> None: ...
     def unsupported(self, reason: str) -> None: ...
+    def optimizer_lost(self, opt_index: int) -> None: ...
+    def report_pending_stop(self) -> None: ...
+    def watches_tensor(self, tensor: torch.Tensor) -> bool: ...
+    def release(self) -> None: ...
+
+    pending_stop: str | None  # a reason to stop checking, noted where no warning may be issued
 
     measuring_contributions: bool  # whether the tensor pre-hooks measure incoming gradients now
 
@@ -54,12 +63,49 @@ def _guard(receiver: Receiver, where: str, call: Callable[..., Any], *args: Any)
     """Run a receiver (or hook-installing) call; only GradientBugError (on_finding="raise") may reach the
     training loop, any other error stops the checks through ``receiver.internal_error``."""
     try:
+        if receiver.pending_stop is not None:
+            receiver.report_pending_stop()
         return call(*args)
     except (GradientBugError, Warning):  # on_finding="raise", or the user turned warnings into errors
         raise
     except Exception as error:  # a debugging tool must never break training
         receiver.internal_error(error, where)
         return None
+
+
+def _raise_at_backward_end(error: BaseException) -> None:
+    """Raise ``error`` from ``backward()`` once the pass has done all its own work: from a callback queued after
+    every other one (DDP's reducer queues its own), never from a hook in the middle of the pass."""
+    if _current_task() == -1:  # outside any backward pass (a stale pass closed by step() or zero_grad())
+        raise error
+    _queue_callback(functools.partial(_reraise, error))
+
+
+def _reraise(error: BaseException) -> None:
+    raise error
+
+
+def _guard_in_backward(receiver: Receiver, call: Callable[..., Any], *args: Any) -> None:
+    """``_guard`` for calls made inside a backward pass: a GradientBugError (or a warning turned into an error)
+    is raised at the end of the pass instead, so autograd and DDP finish their own work first."""
+    try:
+        _guard(receiver, "backward", call, *args)
+    except (GradientBugError, Warning) as error:
+        _raise_at_backward_end(error)
+
+
+_FUNCTION_BACKWARD = torch.autograd.function.BackwardCFunction.apply.__code__
+
+
+def _enclosing_function_node() -> Any:
+    """The outermost autograd node of a Python ``Function`` whose ``backward`` is running on this thread (a
+    reentrant checkpoint runs a nested backward from there), or None."""
+    node, frame = None, sys._getframe(2)
+    while frame is not None:
+        if frame.f_code is _FUNCTION_BACKWARD:
+            node = frame.f_locals.get("self", node)
+        frame = frame.f_back
+    return node
 
 
 def _compiled_autograd_active() -> bool:
@@ -77,14 +123,18 @@ class BackwardGrouper:
     """Groups post-accumulate-grad hook calls into backward passes.
 
     A backward pass is a graph task; the first hook of one queues an end-of-backward callback. A reentrant
-    checkpoint runs nested graph tasks inside the outer one: they belong to the same backward pass.
+    checkpoint (or any ``Function`` whose backward calls ``backward()``) runs nested graph tasks inside the outer
+    one: they belong to the same backward pass, which ends with the outer task. When the first hook of a pass
+    fires in a nested task, a hook on the enclosing ``Function`` node queues the end callback on the outer task.
     """
 
-    __slots__ = ("_open", "_receiver", "_task", "grads", "incoming")
+    __slots__ = ("_awaiting_root", "_nested", "_open", "_receiver", "_task", "grads", "incoming")
 
     def __init__(self, receiver: Receiver) -> None:
         self._receiver = receiver
-        self._open: list[int] = []
+        self._open: list[int] = []  # tasks of the running pass whose end calls _task_done
+        self._nested: set[int] = set()  # nested tasks of the running pass (no end callback of their own)
+        self._awaiting_root = False  # the pass began in a nested task; its outer task is not known yet
         self._task: int | None = None
         self.grads: dict[int, torch.Tensor | None] = {}
         self.incoming: dict[int, torch.Tensor] = {}  # contribution norms, on the device (TensorBoard only)
@@ -105,36 +155,73 @@ class BackwardGrouper:
             self._enter(task, index, param)
         self.grads[index] = param.grad
 
+    @property
+    def in_pass(self) -> bool:
+        """Whether a backward pass is running and has reached a watched parameter."""
+        return bool(self._open or self._awaiting_root) and _current_task() != -1
+
+    def take(self) -> dict[int, torch.Tensor | None]:
+        """The gradients recorded so far in the running pass (a step inside the backward books them now)."""
+        grads, self.grads = self.grads, {}
+        return grads
+
     def _enter(self, task: int, index: int, param: torch.Tensor) -> None:
         self._task = task
-        if task in self._open:
+        if task in self._open or task in self._nested:
             return
-        starting = not self._open
-        self._open.append(task)
-        _queue_callback(functools.partial(self._task_done, task))
+        starting = not self._open and not self._awaiting_root
+        node = _enclosing_function_node()
+        if node is None:
+            self._open.append(task)
+            _queue_callback(functools.partial(self._task_done, task))
+        else:
+            self._nested.add(task)
+            if starting:
+                self._await_root(node)
         if starting:
-            _guard(self._receiver, "backward", self._receiver.on_backward_start, index, param)
+            _guard_in_backward(self._receiver, self._receiver.on_backward_start, index, param)
+
+    def _await_root(self, node: Any) -> None:
+        """Queue the end callback on the task that runs ``node`` once ``node`` has finished."""
+        self._awaiting_root = True
+        handles: list[Any] = []
+
+        def node_done(grad_inputs: Any, grad_outputs: Any) -> None:
+            for handle in handles:
+                handle.remove()
+            self._awaiting_root = False
+            task = _current_task()
+            if task != -1 and task not in self._open:
+                self._open.append(task)
+                _queue_callback(functools.partial(self._task_done, task))
+
+        try:
+            handles.append(node.register_hook(node_done))
+        except Exception:  # a node that takes no hook: the pass ends with its nested task at the latest
+            self._awaiting_root = False
 
     def _task_done(self, task: int) -> None:
         if task in self._open:
             self._open.remove(task)
         self._task = None
-        if not self._open:
+        if not self._open and not self._awaiting_root:
             self._close()
 
     def _close(self) -> None:
         grads, self.grads = self.grads, {}
         incoming, self.incoming = self.incoming, {}
         self._open.clear()
+        self._nested.clear()
+        self._awaiting_root = False
         self._task = None
         if _compiled_autograd_active():
-            _guard(self._receiver, "backward", self._receiver.unsupported, COMPILED_AUTOGRAD)
+            _guard_in_backward(self._receiver, self._receiver.unsupported, COMPILED_AUTOGRAD)
             return
-        _guard(self._receiver, "backward", self._receiver.on_backward_end, grads, incoming)
+        _guard_in_backward(self._receiver, self._receiver.on_backward_end, grads, incoming)
 
     def close_stale(self) -> None:
         """Close a backward pass whose end callback never ran (it raised); call outside any backward."""
-        if self._open and _current_task() == -1:
+        if (self._open or self._awaiting_root) and _current_task() == -1:
             self._close()
 
 
@@ -146,11 +233,20 @@ class _StepHook:
 
     def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         hooks = self.hooks
-        hooks.grouper.close_stale()
+        grouper = hooks.grouper
+        grouper.close_stale()
         if not self.post and hooks.frozen:
             _guard(hooks.receiver, "optimizer.step", hooks.hook_unfrozen)
-        call = hooks.receiver.on_step_post if self.post else hooks.receiver.on_step_pre
-        _guard(hooks.receiver, "optimizer.step", call, self.opt_index, optimizer)
+        receiver = hooks.receiver
+        if not grouper.in_pass:
+            call = receiver.on_step_post if self.post else receiver.on_step_pre
+            _guard(receiver, "optimizer.step", call, self.opt_index, optimizer)
+            return
+        # stepped from a hook inside the backward: the pass so far is what it consumes; raise at its end
+        if not self.post:
+            _guard_in_backward(receiver, receiver.on_step_in_backward, grouper.take(), self.opt_index, optimizer)
+        call = receiver.on_step_post if self.post else receiver.on_step_pre
+        _guard_in_backward(receiver, call, self.opt_index, optimizer)
 
 
 OptimizerEvent = Callable[["HookSet", int, torch.optim.Optimizer], None]
@@ -193,6 +289,9 @@ def _before_zero_grad(hooks: HookSet, opt_index: int, optimizer: torch.optim.Opt
 
 
 def _after_zero_grad(hooks: HookSet, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
+    if hooks.grouper.in_pass:  # cleared from a hook inside the backward: raise at the end of the pass
+        _guard_in_backward(hooks.receiver, hooks.receiver.on_optimizer_cleared, opt_index, optimizer)
+        return
     _guard(hooks.receiver, "optimizer.zero_grad", hooks.receiver.on_optimizer_cleared, opt_index, optimizer)
 
 
@@ -209,9 +308,9 @@ class _GlobalPatch:
     unless someone patched over the dispatcher meanwhile (theirs then keeps calling it, and it calls the original).
     """
 
-    def __init__(self, owner: Any, name: str, make: Callable[[Callable[..., Any], list[HookSet]], Callable[..., Any]]):
+    def __init__(self, owner: Any, name: str, make: Callable[[Callable[..., Any], Watches], Callable[..., Any]]):
         self.owner, self.name, self._make = owner, name, make
-        self.watches: list[HookSet] = []
+        self.watches = Watches()
         self._original: Callable[..., Any] | None = None
         self._dispatcher: Callable[..., Any] | None = None
 
@@ -220,19 +319,41 @@ class _GlobalPatch:
             self._original = getattr(self.owner, self.name)
             self._dispatcher = functools.wraps(self._original)(self._make(self._original, self.watches))
             setattr(self.owner, self.name, self._dispatcher)
-        self.watches.append(hooks)
+        self.watches.add(hooks)
 
     def discard(self, hooks: HookSet) -> None:
-        if hooks in self.watches:
-            self.watches.remove(hooks)
+        self.watches.discard(hooks)
         if not self.watches and self._original is not None and getattr(self.owner, self.name) is self._dispatcher:
             setattr(self.owner, self.name, self._original)
             self._original = self._dispatcher = None
 
 
-def _module_zero_grad(original: Callable[..., Any], watches: list[HookSet]) -> Callable[..., Any]:
+class Watches:
+    """The live watches a global patch dispatches to, held weakly: a watch nobody detached goes with its model
+    and optimizer."""
+
+    def __init__(self) -> None:
+        self._refs: list[weakref.ref[HookSet]] = []
+
+    def add(self, hooks: HookSet) -> None:
+        self._refs = [ref for ref in self._refs if ref() is not None] + [weakref.ref(hooks)]
+
+    def discard(self, hooks: HookSet) -> None:
+        self._refs = [ref for ref in self._refs if ref() is not None and ref() is not hooks]
+
+    def __bool__(self) -> bool:
+        return any(ref() is not None for ref in self._refs)
+
+    def __iter__(self) -> Iterator[HookSet]:
+        for ref in list(self._refs):
+            hooks = ref()
+            if hooks is not None and hooks.active:
+                yield hooks
+
+
+def _module_zero_grad(original: Callable[..., Any], watches: Watches) -> Callable[..., Any]:
     def zero_grad(self: torch.nn.Module, set_to_none: bool = True) -> None:
-        watching = [hooks for hooks in watches if hooks.active]
+        watching = list(watches)
         for hooks in watching:
             hooks.grouper.close_stale()
             _guard(hooks.receiver, "model.zero_grad", hooks.receiver.before_module_clear, self)
@@ -243,17 +364,17 @@ def _module_zero_grad(original: Callable[..., Any], watches: list[HookSet]) -> C
     return zero_grad
 
 
-def _watching(watches: list[HookSet], optimizer: Any) -> list[tuple[HookSet, int]]:
+def _watching(watches: Watches, optimizer: Any) -> list[tuple[HookSet, int]]:
     """(watch, optimizer index) of every live watch over ``optimizer``."""
     found = []
     for hooks in watches:
-        index = hooks.optimizer_index(optimizer) if hooks.active else None
+        index = hooks.optimizer_index(optimizer)
         if index is not None:
             found.append((hooks, index))
     return found
 
 
-def _scaler_unscale(original: Callable[..., Any], watches: list[HookSet]) -> Callable[..., Any]:
+def _scaler_unscale(original: Callable[..., Any], watches: Watches) -> Callable[..., Any]:
     def unscale_(self: Any, optimizer: torch.optim.Optimizer) -> None:
         original(self, optimizer)
         for hooks, index in _watching(watches, optimizer):
@@ -262,7 +383,7 @@ def _scaler_unscale(original: Callable[..., Any], watches: list[HookSet]) -> Cal
     return unscale_
 
 
-def _scaler_step(original: Callable[..., Any], watches: list[HookSet]) -> Callable[..., Any]:
+def _scaler_step(original: Callable[..., Any], watches: Watches) -> Callable[..., Any]:
     def step(self: Any, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
         watching = _watching(watches, optimizer)
         for hooks, index in watching:
@@ -276,10 +397,10 @@ def _scaler_step(original: Callable[..., Any], watches: list[HookSet]) -> Callab
     return step
 
 
-def _clipping(how: str) -> Callable[[Callable[..., Any], list[HookSet]], Callable[..., Any]]:
-    def make(original: Callable[..., Any], watches: list[HookSet]) -> Callable[..., Any]:
+def _clipping(how: str) -> Callable[[Callable[..., Any], Watches], Callable[..., Any]]:
+    def make(original: Callable[..., Any], watches: Watches) -> Callable[..., Any]:
         def clip(parameters: Any, *args: Any, **kwargs: Any) -> Any:
-            watching = [hooks for hooks in watches if hooks.active]
+            watching = list(watches)
             if watching:
                 parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
                 for hooks in watching:
@@ -291,8 +412,28 @@ def _clipping(how: str) -> Callable[[Callable[..., Any], list[HookSet]], Callabl
     return make
 
 
+SWAPPED = (
+    "torch.utils.swap_tensors swapped a watched parameter or gradient (model.to() or load_state_dict() under "
+    "torch.__future__.set_swap_module_params_on_conversion(True), FSDP2, parametrizations), which takes the "
+    "hooks off it; gradwatch let go of the model so that the swap works. Call watch() again after the conversion"
+)
+
+
+def _swap_tensors(original: Callable[..., Any], watches: Watches) -> Callable[..., Any]:
+    def swap_tensors(t1: Any, t2: Any) -> None:
+        released = [hooks for hooks in watches if any(hooks.receiver.watches_tensor(t) for t in (t1, t2))]
+        for hooks in released:  # swap_tensors refuses tensors with weak references: let go of them all first
+            hooks.release_tensors()
+        original(t1, t2)
+        for hooks in released:
+            _guard(hooks.receiver, "swap_tensors", hooks.receiver.unsupported, SWAPPED)
+
+    return swap_tensors
+
+
 def _global_patches() -> list[_GlobalPatch]:
     patches = [_GlobalPatch(torch.nn.Module, "zero_grad", _module_zero_grad)]
+    patches.append(_GlobalPatch(torch.utils, "swap_tensors", _swap_tensors))
     patches += [_GlobalPatch(GRAD_SCALER, "unscale_", _scaler_unscale), _GlobalPatch(GRAD_SCALER, "step", _scaler_step)]
     clip_grad = torch.nn.utils.clip_grad
     for module, name in [
@@ -310,13 +451,23 @@ def _global_patches() -> list[_GlobalPatch]:
 _GLOBAL_PATCHES = _global_patches()
 
 
+def _optimizer_gone(hooks_ref: weakref.ref[HookSet], opt_index: int, _: Any) -> None:
+    hooks = hooks_ref()
+    if hooks is not None:
+        try:
+            hooks.optimizer_gone(opt_index)
+        except Exception:  # noqa: S110 - called by the garbage collector: nowhere to report to
+            pass
+
+
 class HookSet:
     """All hooks of one watch; ``remove()`` takes every one of them off again."""
 
-    def __init__(self, receiver: Receiver) -> None:
+    def __init__(self, receiver: Receiver, on_all_optimizers_gone: Callable[[], None] = lambda: None) -> None:
         self.receiver = receiver
         self.grouper = BackwardGrouper(receiver)
         self.active = False
+        self._on_all_optimizers_gone = on_all_optimizers_gone
         self.frozen: dict[int, weakref.ref[torch.Tensor]] = {}  # watched, not requiring grad: not hooked
         self._contribution_norms = False
         self._hooked: set[int] = set()
@@ -352,7 +503,8 @@ class HookSet:
                 self._handles.append(optimizer.register_step_post_hook(post))
                 self._wrap(optimizer, "zero_grad", opt_index, _before_zero_grad, _after_zero_grad)
                 self._wrap(optimizer, "add_param_group", opt_index, None, _after_add_param_group)
-                self._optimizer_indices[id(optimizer)] = (weakref.ref(optimizer), opt_index)
+                gone = functools.partial(_optimizer_gone, weakref.ref(self), opt_index)
+                self._optimizer_indices[id(optimizer)] = (weakref.ref(optimizer, gone), opt_index)
             for patch in _GLOBAL_PATCHES:
                 patch.add(self)
         except BaseException:
@@ -392,6 +544,25 @@ class HookSet:
         wrapper = _wrap_method(optimizer, name, opt_index, self, before, after)
         setattr(optimizer, name, wrapper)
         self._wrapped.append((weakref.ref(optimizer), name, wrapper))
+
+    def optimizer_gone(self, opt_index: int) -> None:
+        """A watched optimizer was garbage-collected (from the garbage collector: note it, report it later)."""
+        if not self.active:
+            return
+        self.receiver.optimizer_lost(opt_index)
+        if all(ref() is None for ref, _ in self._optimizer_indices.values()):
+            for patch in _GLOBAL_PATCHES:  # nothing left to step: the global dispatchers forget this watch
+                patch.discard(self)
+            self._on_all_optimizers_gone()
+
+    def release_tensors(self) -> None:
+        """Take the hooks off the parameters and drop every reference to them (the watch cannot go on)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._hooked.clear()
+        self.frozen.clear()
+        self.receiver.release()
 
     def remove(self) -> None:
         """Idempotent: remove every handle, wrapper and dispatcher entry."""

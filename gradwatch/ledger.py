@@ -4,23 +4,32 @@ No torch here: the tracker feeds events (parameter indices), the ledger answers 
 A *contribution* is one backward pass accumulating into one parameter's ``.grad``; it is *consumed* by a
 step of the parameter's optimizer and *cleared* by anything that empties the ``.grad``.
 
-Two choices keep legitimate multi-optimizer loops (a GAN whose generator backward also reaches the
-discriminator) free of false alarms:
+Rules that keep legitimate loops free of false alarms while the bugs stay caught:
 - a contribution onto an already-consumed ``.grad`` is only reported when a step consumes the mix
   (``uncleared-gradient``); a clear before that makes it harmless;
-- contributions from a backward pass whose gradients some step did consume (for other parameters) are a
-  by-product when cleared, not ``discarded-gradient``.
+- contributions that another optimizer's step consumed (a GAN's generator pass reaching the discriminator)
+  are a by-product when cleared, but only for an optimizer that steps on passes of its own; an optimizer
+  whose gradients only ever come from passes others step on, and which skips some, was forgotten;
+- window sizes: with ``accumulation_steps`` K, a window shorter than K is an epoch's short last window when
+  the window before it was full (at most one short window between full ones); anything else is a mismatch;
+- a clear that drops part of a window is judged at the optimizer's next step: if that step consumes a full
+  window, the loop dropped an epoch's partial last window (wasted batches: ``dangling-gradient``, a warning);
+  otherwise the clear ran inside the window (``discarded-gradient``). A clear that drops a whole window
+  is judged at once. Before an optimizer's first step a dropped window is a set-up pass (a sanity check),
+  unless the first step then consumes a short or empty window;
+- dropped contributions whose weights the loop moved outside a step (SAM's perturbation) were used on purpose.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping, Sequence
 
 from . import findings as k
 
 NO_OWNER = -1
+SILENT, REPORTED = 1, 2  # how a gradient found in .grad when watched was adopted
 
 
 @dataclass(frozen=True)
@@ -49,10 +58,16 @@ class Ledger:
         # (step, first, last backward) where NaN/Inf appeared; first == last when checked after every backward
         self.nonfinite_at: list[tuple[int, int, int] | None] = [None] * n
         self.received = [False] * n
+        self.adopted = [0] * n  # .grad held a gradient of unknown origin when watched: REPORTED or SILENT
         self.steps = [0] * n_optimizers
         self.in_step = [0] * n_optimizers
         self.n_fresh = [0] * n_optimizers  # parameters of each optimizer holding fresh contributions
         self.window_nonfinite = [False] * n_optimizers  # the pending window holds NaN/Inf (a skipped step)
+        self.last_window: list[int | None] = [None] * n_optimizers  # passes the latest step consumed (None: unknown)
+        self.dropped: list[tuple[Occurrence, int] | None] = [None] * n_optimizers  # a partial window cleared, judged next step
+        self.independent = [False] * n_optimizers  # stepped on a pass no other optimizer consumed
+        self.unstepped_drop: list[Occurrence | None] = [None] * n_optimizers  # by-products cleared before any step
+        self._consumers: dict[int, int] = {}  # recent backward passes -> bit mask of the optimizers that consumed them
         self.uncleared = 0  # parameters whose .grad holds consumed contributions
         self.backwards = 0
         self.clears = 0
@@ -65,10 +80,14 @@ class Ledger:
         self.wasted_allreduces = 0
 
     # -- events ------------------------------------------------------------------------------------
-    def backward(self, indices: Iterable[int]) -> list[Occurrence]:
-        """One backward pass contributed to the parameters ``indices`` (each at most once)."""
-        b = self.backwards
-        self.backwards = b + 1
+    def backward(self, indices: Iterable[int], same_pass: bool = False) -> list[Occurrence]:
+        """One backward pass contributed to the parameters ``indices`` (each at most once). ``same_pass``: more
+        parameters of the pass booked last (a step inside the backward consumed part of it already)."""
+        if same_pass and self.backwards:
+            b = self.backwards - 1
+        else:
+            b = self.backwards
+            self.backwards = b + 1
         orphans = []
         fresh, owners = self.fresh, self.owners
         for i in indices:
@@ -93,15 +112,42 @@ class Ledger:
         self.synced.append(self.backwards - 1)
         self.allreduces += 1
 
-    def adopt(self, indices: Iterable[int]) -> None:
-        """Gradients already in ``.grad`` when the watch began: one window of unknown size, not yet consumed."""
+    def adopt(self, indices: Iterable[int], report: bool = False) -> None:
+        """Gradients already in ``.grad`` when the watch began (or a parameter joined it): one window of unknown
+        size, not yet consumed. ``report``: a step that consumes it is reported (``pre-existing-gradient``)."""
         for i in indices:
             owner = self.owners[i]
-            if owner == NO_OWNER or self.fresh[i]:
+            if owner == NO_OWNER:
+                continue
+            if self.fresh[i]:
+                if not report and self.adopted[i]:
+                    self.adopted[i] = SILENT
                 continue
             self.fresh[i] = 1
+            self.fresh_first[i] = self.fresh_last[i] = self.backwards - 1
             self.received[i] = True
+            self.adopted[i] = REPORTED if report else SILENT
             self.n_fresh[owner] += 1
+            self.unknown_window.add(owner)
+
+    def supplied(self, indices: Iterable[int]) -> None:
+        """A gradient was assigned to ``.grad`` by hand (``torch.autograd.grad``, ``torch.func``, DP-SGD) onto a
+        ``.grad`` holding no fresh contribution: it is one contribution, from no backward pass."""
+        b = self.backwards - 1
+        for i in indices:
+            owner = self.owners[i]
+            if owner == NO_OWNER:
+                continue
+            if self.consumed[i]:
+                self.consumed[i] = 0
+                self.uncleared -= 1
+            self.mixed_at[i] = None
+            if not self.fresh[i]:
+                self.n_fresh[owner] += 1
+                self.fresh_first[i] = b
+            self.fresh[i] = 1
+            self.fresh_last[i] = b
+            self.received[i] = True
             self.unknown_window.add(owner)
 
     def add_param(self, owner: int) -> int:
@@ -115,6 +161,7 @@ class Ledger:
             (self.mixed_at, None),
             (self.nonfinite_at, None),
             (self.received, False),
+            (self.adopted, 0),
         ):
             per_param.append(value)  # type: ignore[attr-defined]
         return len(self.owners) - 1
@@ -124,32 +171,58 @@ class Ledger:
         fresh = self.fresh
         return any(fresh[i] for i in indices)
 
-    def clear(self, indices: Iterable[int], source: str) -> list[Occurrence]:
-        """The ``.grad`` of ``indices`` was emptied (set to None, replaced or zeroed) by ``source``."""
-        discarded: list[int] = []
-        most_fresh = 0
+    def clear(
+        self, indices: Iterable[int], source: str, perturbed: bool = False, count: bool = True
+    ) -> list[Occurrence]:
+        """The ``.grad`` of ``indices`` was emptied (set to None or zeroed) by ``source``. ``perturbed``: the loop
+        moved their weights outside a step since the last step (SAM), so a dropped gradient was used on purpose.
+        ``count``: whether this is a new clear (not the rest of one already counted)."""
+        dropped: dict[int, list[int]] = {}
         owners, fresh = self.owners, self.fresh
         for i in indices:
             owner = owners[i]
             if fresh[i] and owner != NO_OWNER:
-                if self._discard_is_a_bug(i, owner):
-                    discarded.append(i)
-                    most_fresh = max(most_fresh, fresh[i])
+                if not perturbed and self._drop_needs_judging(i, owner):
+                    dropped.setdefault(owner, []).append(i)
                 self.n_fresh[owner] -= 1
                 if self.n_fresh[owner] == 0:
                     self.window_nonfinite[owner] = False
             fresh[i] = 0
+            self.adopted[i] = 0
             if self.consumed[i]:
                 self.consumed[i] = 0
                 self.uncleared -= 1
             self.mixed_at[i] = None
             self.nonfinite_at[i] = None
-        self.clears += 1
-        if not discarded:
+        if count:
+            self.clears += 1
+        out: list[Occurrence] = []
+        for owner, params in dropped.items():
+            out += self._judge_drop(owner, params, source)
+        return out
+
+    def _judge_drop(self, owner: int, params: list[int], source: str) -> list[Occurrence]:
+        """A clear dropped the fresh contributions ``params`` of optimizer ``owner``: a bug now, or judged later."""
+        passes = max(self.fresh_last[i] for i in params) - min(self.fresh_first[i] for i in params) + 1
+        detail = {"source": source, "fresh": passes}
+        occurrence = Occurrence(k.DISCARDED, tuple(sorted(params)), self.steps[owner], self.backwards, detail)
+        if all(self.fresh_last[i] <= self.newest_consumed_backward for i in params):
+            # another optimizer stepped on these passes, and this one never steps on passes of its own
+            forgotten = replace(occurrence, detail={**detail, "how": "not-stepped", "opt": owner})
+            if self.steps[owner] or self.unstepped_drop[owner] is not None:
+                return [forgotten]
+            self.unstepped_drop[owner] = forgotten  # a GAN updating G first: D steps on a pass of its own next
             return []
-        owner = owners[discarded[0]]
-        detail = {"source": source, "fresh": most_fresh}
-        return [Occurrence(k.DISCARDED, tuple(sorted(discarded)), self.steps[owner], self.backwards, detail)]
+        full = self.accumulation_steps or self.last_window[owner]
+        if self.steps[owner] and full is not None and passes >= full:
+            return [occurrence]  # a whole window dropped: cleared between backward() and step()
+        earlier = self.dropped[owner]
+        if earlier is None or earlier[1] < passes:
+            self.dropped[owner] = (occurrence, passes)
+        elif earlier[1] == passes:  # the same window, noticed in two parts (a .grad set to None by hand)
+            params_of_both = tuple(sorted({*earlier[0].params, *occurrence.params}))
+            self.dropped[owner] = (replace(earlier[0], params=params_of_both), passes)
+        return []
 
     def clear_consumed(self, indices: Iterable[int]) -> None:
         """The consumed ``.grad`` of ``indices`` turned out to be zeroed in place before their fresh contributions."""
@@ -163,12 +236,21 @@ class Ledger:
             self.mixed_at[i] = None
         self.clears += 1
 
-    def _discard_is_a_bug(self, i: int, owner: int) -> bool:
+    def _drop_needs_judging(self, i: int, owner: int) -> bool:
         if self.in_step[owner]:  # a closure (LBFGS, Lightning) clears inside its own step
             return False
         if self.window_nonfinite[owner]:  # a skipped NaN/Inf window (GradScaler, or the user's own check)
             return False
-        return self.fresh_last[i] > self.newest_consumed_backward  # else a by-product of a consumed backward
+        if self.adopted[i]:  # a gradient from before the watch, cleared before training: as it should be
+            return False
+        if self.fresh_last[i] > self.newest_consumed_backward:
+            return True
+        return not self._is_independent(owner)  # else a by-product of a pass another optimizer consumed
+
+    def _is_independent(self, owner: int) -> bool:
+        if not self.independent[owner]:
+            self.independent[owner] = (1 << owner) in self._consumers.values()
+        return self.independent[owner]
 
     def mark_nonfinite(self, i: int, step: int, first_backward: int, last_backward: int | None = None) -> None:
         """NaN/Inf was found in parameter ``i``'s ``.grad``, put there by one of the backward passes
@@ -261,20 +343,23 @@ class Ledger:
             first_step, first_b, last_b = min(self.nonfinite_at[i] for i in nonfinite)  # type: ignore[type-var]
             where = _passes(first_b, last_b)
             out.append(Occurrence(k.NON_FINITE, tuple(nonfinite), first_step, first_b, {"where": where}))
+        adopted = [i for i in with_fresh if self.adopted[i] == REPORTED]
+        if adopted:
+            out.append(Occurrence(k.PRE_EXISTING, tuple(adopted), step, b))
         if self.synced and with_fresh:
             out += self._redundant_syncs(opt, with_fresh, step)
         unknown = opt in self.unknown_window
         self.unknown_window.discard(opt)
-        if self.accumulation_steps is not None and with_fresh and not unknown:
-            window = max(fresh[i] for i in with_fresh)
-            if window != self.accumulation_steps:
-                detail = {"window": window, "expected": self.accumulation_steps}
-                out.append(Occurrence(k.ACCUMULATION_MISMATCH, tuple(with_fresh), step, b, detail))
+        window = max((fresh[i] for i in with_fresh), default=0)
+        out += self._judge_window(opt, window, tuple(with_fresh), unknown)
+        if with_fresh:
+            self._book_consumers(opt, with_fresh)
         for i in with_fresh:
             if not consumed[i]:
                 self.uncleared += 1
             consumed[i] += fresh[i]
             fresh[i] = 0
+            self.adopted[i] = 0
             self.mixed_at[i] = None
             if self.fresh_last[i] > self.newest_consumed_backward:
                 self.newest_consumed_backward = self.fresh_last[i]
@@ -283,6 +368,43 @@ class Ledger:
         self.clip_pending[opt] = None
         self.steps[opt] = step + 1
         return out
+
+    def _book_consumers(self, opt: int, window: Sequence[int]) -> None:
+        """Remember which optimizers consumed the recent passes (whether an optimizer steps on passes of its own)."""
+        self.unstepped_drop[opt] = None
+        if self.independent[opt] or len(self.steps) == 1:
+            self.independent[opt] = True
+            return
+        last = max(self.fresh_last[i] for i in window)
+        first = max(min(self.fresh_first[i] for i in window), last - 16)
+        consumers, bit = self._consumers, 1 << opt
+        for b in range(first, last + 1):
+            consumers[b] = consumers.get(b, 0) | bit
+        if len(consumers) > 128:
+            for old in sorted(consumers)[:64]:
+                del consumers[old]
+
+    def _judge_window(self, opt: int, window: int, params: tuple[int, ...], unknown: bool) -> list[Occurrence]:
+        """The window a step consumed against ``accumulation_steps``, and a partial window dropped before it."""
+        full = self.accumulation_steps
+        previous = self.last_window[opt]
+        if window:
+            self.last_window[opt] = full if unknown else window
+        dropped, self.dropped[opt] = self.dropped[opt], None
+        expected = full if full is not None else previous
+        out: list[Occurrence] = []
+        if dropped is not None:
+            occurrence, passes = dropped
+            if window == 0 or (expected is not None and window != expected):
+                out.append(occurrence)  # the clear ran inside this window: the step consumed what was left
+            elif occurrence.step > 0:  # a full window followed: the loop dropped an epoch's partial last window
+                return [replace(occurrence, kind=k.DANGLING, detail={**occurrence.detail, "how": "dropped"})]
+        if full is None or unknown or not params or window == full:
+            return out
+        if window < full and previous is not None and previous >= full:
+            return out  # the short last window of an epoch, stepped on
+        detail = {"window": window, "expected": full}
+        return [*out, Occurrence(k.ACCUMULATION_MISMATCH, params, self.steps[opt], self.backwards, detail)]
 
     def _redundant_syncs(self, opt: int, window: Sequence[int], step: int) -> list[Occurrence]:
         """All-reduces by backward passes of the window other than its last: their result is summed over again."""
@@ -300,18 +422,32 @@ class Ledger:
     def finish(self, trainable: Sequence[bool]) -> list[Occurrence]:
         """End-of-run checks: contributions never consumed, and parameters that never got a gradient."""
         out: list[Occurrence] = []
-        dangling = [
+        for owner, dropped in enumerate(self.dropped):
+            if dropped is not None and dropped[0].step > 0:
+                occurrence = dropped[0]
+                out.append(replace(occurrence, kind=k.DANGLING, detail={**occurrence.detail, "how": "dropped"}))
+        self.dropped = [None] * len(self.dropped)
+        left = [
             i
             for i, owner in enumerate(self.owners)
-            if owner != NO_OWNER
-            and self.fresh[i]
-            and not self.window_nonfinite[owner]
-            and self.fresh_last[i] > self.newest_consumed_backward
+            if owner != NO_OWNER and self.fresh[i] and not self.window_nonfinite[owner] and not self.adopted[i]
         ]
+        for opt, forgotten in enumerate(self.unstepped_drop):
+            if forgotten is not None and not self.steps[opt]:
+                out.append(forgotten)
+        by_others = [i for i in left if self.fresh_last[i] <= self.newest_consumed_backward]
+        never = [i for i in by_others if not self.steps[self.owners[i]] and self.unstepped_drop[self.owners[i]] is None]
+        if never:  # never cleared and never stepped, while another optimizer stepped on the same passes
+            owner = self.owners[never[0]]
+            detail = {"source": "the end of the run", "fresh": max(self.fresh[i] for i in never)}
+            detail |= {"how": "not-stepped", "opt": owner}
+            out.append(Occurrence(k.DISCARDED, tuple(never), self.steps[owner], self.backwards, detail))
+        dangling = [i for i in left if self.fresh_last[i] > self.newest_consumed_backward]
+        dangling += [i for i in by_others if self.steps[self.owners[i]] and not self._is_independent(self.owners[i])]
         if dangling:
             owner = self.owners[dangling[0]]
-            detail = {"fresh": max(self.fresh[i] for i in dangling)}
-            out.append(Occurrence(k.DANGLING, tuple(dangling), self.steps[owner], self.backwards, detail))
+            detail = {"fresh": max(self.fresh[i] for i in dangling), "how": "left", "source": "the end of the run"}
+            out.append(Occurrence(k.DANGLING, tuple(sorted(dangling)), self.steps[owner], self.backwards, detail))
         unused = [
             i
             for i, owner in enumerate(self.owners)

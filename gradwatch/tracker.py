@@ -41,6 +41,7 @@ class Tracker:
         scaler: Any = None,
         on_new_params: Callable[[list[str]], None] = lambda names: None,
         ddp: torch.nn.Module | None = None,
+        count_syncs: bool = True,
     ) -> None:
         n = len(params)
         self.ledger = Ledger(owners, len(optimizers), accumulation_steps)
@@ -49,7 +50,7 @@ class Tracker:
         self._opt_layout: list[tuple[int, list[int]]] = [(-1, [])] * len(optimizers)  # filled on first use
         self._grad_refs: list[weakref.ref[torch.Tensor] | None] = [None] * n
         self._grad_versions = [0] * n
-        self._zeroed: dict[int, tuple[torch.Tensor, int | None]] = {}  # device evidence per suspected param
+        self._zeroed: dict[int, list[tuple[torch.Tensor, int | None]]] = {}  # device evidence per suspected param
         self._finite = FiniteChecks()  # used when finite_check == "backward"
         self._check_every_backward = finite_check == "backward"
         self._skipped_steps: set[int] = set()  # optimizers inside a step that GradScaler told to skip
@@ -63,10 +64,14 @@ class Tracker:
         self._on_internal_error = on_internal_error
         self._on_unsupported = on_unsupported
         self._on_new_params = on_new_params
-        self._ddp = weakref.ref(ddp) if ddp is not None else None
+        self._ddp = weakref.ref(ddp) if ddp is not None and count_syncs else None
         # DDP rebinds .grad to views of its flat buckets (which share one version counter): under it, only None
         # counts as a clear made by hand and every hook call as a contribution
         self._rebinds = ddp is not None
+        self._weight_versions = [p._version for p in params]  # at the latest step: weights moved outside a step?
+        self._continuing_pass = False  # a step inside the running backward pass booked part of it already
+        self._clear_counted = False  # the running pass noticed a clear by hand already
+        self.pending_stop: str | None = None  # a reason to stop, found where no warning may be issued (GC)
         self.stopped = False
 
     # -- Receiver ----------------------------------------------------------------------------------
@@ -88,13 +93,18 @@ class Tracker:
                 live.append(i)
                 grads.append(grad)
         out = self._clear(cleared, SET_TO_NONE) if cleared else []
+        self._clear_counted = bool(cleared)
         if live:
             groups = zero_flags(grads)
             for positions, zeros in groups:
                 for pos, at in enumerate(positions):
-                    self._zeroed[live[at]] = (zeros, pos)
-            if index in suspects and len(groups) == 1:  # it accumulated already: judge it by its peers
-                self._zeroed[index] = (groups[0][1], None)
+                    self._zeroed[live[at]] = [(zeros, pos)]
+            if index in suspects:  # it accumulated already: judge it by its peers, of every dtype and device
+                self._zeroed[index] = [(zeros, None) for _, zeros in groups]
+        elif index in suspects:  # no peer to judge by: an in-place change besides this accumulation is the clear
+            ref, grad = self._grad_refs[index], param.grad
+            if grad is not None and ref is not None and ref() is grad and grad._version - self._grad_versions[index] > 1:
+                ledger.clear_consumed([index])
         self._emit(out)
 
     def on_backward_end(
@@ -102,8 +112,33 @@ class Tracker:
     ) -> None:
         """One backward pass finished; ``grads`` maps each parameter it reached to its ``.grad``, ``incoming``
         (TensorBoard only) to the device norm of what it added."""
+        continuing, self._continuing_pass = self._continuing_pass, False
+        if not self.stopped:
+            self._emit(self._book_pass(grads, incoming, continuing))
+        self._clear_counted = False
+
+    def on_step_in_backward(
+        self, grads: dict[int, torch.Tensor | None], opt_index: int, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """A step runs inside a backward pass (an optimizer stepped from a post-accumulate-grad hook): book the
+        part of the pass recorded so far, and this optimizer's gradients that the pass filled before our hook ran."""
         if self.stopped:
             return
+        refs, versions = self._grad_refs, self._grad_versions
+        for i, p in self._params_of(opt_index, optimizer):
+            grad = p.grad
+            if i in grads or grad is None:
+                continue
+            ref = refs[i]
+            if ref is None or ref() is not grad or grad._version != versions[i]:
+                grads[i] = grad
+        out = self._book_pass(grads, None, self._continuing_pass)
+        self._continuing_pass = True
+        self._emit(out)
+
+    def _book_pass(
+        self, grads: dict[int, torch.Tensor | None], incoming: dict[int, torch.Tensor] | None, continuing: bool
+    ) -> list[Occurrence]:
         ledger = self.ledger
         contributed: list[int] = []
         cleared: list[int] = []
@@ -119,9 +154,12 @@ class Tracker:
                 continue  # same tensor, untouched: the hook fired for an undefined gradient
             self._grad_versions[i] = grad._version
             contributed.append(i)
-        out = self._clear(cleared, SET_TO_NONE) if cleared else []
-        backward = ledger.backwards
-        out += ledger.backward(contributed)
+        out = self._clear(cleared, SET_TO_NONE, count=not self._clear_counted) if cleared else []
+        self._clear_counted = self._clear_counted or bool(cleared)
+        if continuing and not contributed:
+            return out
+        backward = ledger.backwards - 1 if continuing else ledger.backwards
+        out += ledger.backward(contributed, same_pass=continuing)
         synced = None
         if self._ddp is not None and contributed:
             synced = bool(getattr(self._ddp(), "require_forward_param_sync", False))  # set by DDP at the forward
@@ -140,7 +178,7 @@ class Tracker:
             self._finite.add(backward, tuple(ledger.steps), owned, [grads[i] for i in owned])  # type: ignore[misc]
             if len(self._finite) > self._finite.max_pending:
                 self._read_finite_checks()
-        self._emit(out)
+        return out
 
     def on_step_pre(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
         """Before the step (and its closure): notice gradients set to None since we last saw them."""
@@ -150,12 +188,11 @@ class Tracker:
         if _skipped_by_grad_scaler(optimizer):
             self._skipped_steps.add(opt_index)  # after_scaler_step books the skip
             return
-        out = self._notice_set_to_none(params)
+        self._emit(self._notice_replaced(params))  # before the step begins: a raise here leaves no step open
         if self._sinks is not None and self._sinks.update_ratio_due(self.ledger.steps[opt_index]):
             with torch.no_grad():
                 self._weights_before[opt_index] = torch._foreach_mul([p.detach() for _, p in params], 1.0)
         self.ledger.step_begin(opt_index)
-        self._emit(out)
 
     def on_step_post(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
         """The step consumed its parameters' gradients."""
@@ -169,11 +206,18 @@ class Tracker:
         indices = [i for i, _ in params]
         mixed = [i for i in indices if ledger.mixed_at[i] is not None and i in self._zeroed]
         if mixed:
-            zeroed = read_flags([self._zeroed[i] for i in mixed])
+            flags = [self._zeroed[i] for i in mixed]
+            values = iter(read_flags([flag for per_param in flags for flag in per_param]))
+            zeroed = [all([next(values) for _ in per_param]) and bool(per_param) for per_param in flags]
             ledger.clear_consumed([i for i, z in zip(mixed, zeroed, strict=True) if z])
         for i in mixed:
             del self._zeroed[i]
         consumed = [(i, p) for i, p in params if ledger.fresh[i]]
+        versions, grad_versions = self._weight_versions, self._grad_versions
+        for i, p in consumed:
+            versions[i] = p._version
+            if p.grad is not None:
+                grad_versions[i] = p.grad._version
         if self._sinks is None:
             self._check_finite(consumed)
             self._emit(ledger.step_end(opt_index, indices))
@@ -295,6 +339,7 @@ class Tracker:
                 self._params.append(weakref.ref(p))
                 self._grad_refs.append(None)
                 self._grad_versions.append(0)
+                self._weight_versions.append(p._version)
                 ledger.add_param(opt_index)
                 names.append(f"optimizer[{opt_index}].param_groups[{g}][{j}]")
             elif ledger.owners[i] == NO_OWNER:
@@ -325,9 +370,39 @@ class Tracker:
             self.stopped = True
             self._on_unsupported(reason)
 
-    def adopt_existing_gradients(self, indices: Iterable[int] | None = None) -> None:
+    def optimizer_lost(self, opt_index: int) -> None:
+        """A watched optimizer was garbage-collected (replaced by a new one?). Called from the garbage collector:
+        only note it; the next event reports it."""
+        if not self.stopped and self.pending_stop is None:
+            self.pending_stop = (
+                f"the watched optimizer[{opt_index}] was garbage-collected (replaced by a new optimizer?), and its "
+                "replacement is not watched. Call watch() with the new optimizer (detach() this watcher first)"
+            )
+
+    def report_pending_stop(self) -> None:
+        """Stop checking for the reason noted by ``optimizer_lost``."""
+        reason, self.pending_stop = self.pending_stop, None
+        if reason is not None:
+            self.unsupported(reason)
+
+    def release(self) -> None:
+        """Drop every reference to the user's tensors (after detach, or when checking stopped for good)."""
+        self._params = [_dead_ref] * len(self._params)
+        self._grad_refs = [None] * len(self._grad_refs)
+        self._zeroed.clear()
+        self._weights_before.clear()
+        self._index.clear()
+
+    def watches_tensor(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is a watched parameter or the ``.grad`` of one."""
+        i = self._index.get(id(tensor))
+        if i is not None and self._params[i]() is tensor:
+            return True
+        return any(ref is not None and ref() is tensor for ref in self._grad_refs)
+
+    def adopt_existing_gradients(self, indices: Iterable[int] | None = None, report: bool = False) -> None:
         """Attaching mid-run: the gradients already there (in ``indices``, default all) are one fresh window of
-        unknown size."""
+        unknown size; ``report``: a step that consumes them is reported."""
         adopted = []
         for i in range(len(self._params)) if indices is None else indices:
             p = self._params[i]()
@@ -335,7 +410,7 @@ class Tracker:
                 self._grad_refs[i] = weakref.ref(p.grad)
                 self._grad_versions[i] = p.grad._version
                 adopted.append(i)
-        self.ledger.adopt(adopted)
+        self.ledger.adopt(adopted, report)
 
     # -- end of run --------------------------------------------------------------------------------
     def finish(self) -> None:
@@ -345,7 +420,7 @@ class Tracker:
         params = [ref() for ref in self._params]
         alive = [(i, p) for i, p in enumerate(params) if p is not None]
         self._check_finite([(i, p) for i, p in alive if self.ledger.fresh[i]])
-        out = self._notice_set_to_none(alive)
+        out = self._notice_replaced(alive)
         trainable = [p is not None and p.requires_grad for p in params]
         self._emit(out + self.ledger.finish(trainable))
 
@@ -372,12 +447,24 @@ class Tracker:
             self._zeroed.pop(i, None)
         self._emit(self._clear(indices, source))
 
-    def _clear(self, indices: list[int], source: str) -> list[Occurrence]:
-        out = self.ledger.clear(indices, source)
+    def _clear(self, indices: list[int], source: str, count: bool = True) -> list[Occurrence]:
+        ledger = self.ledger
+        perturbed = ledger.has_unconsumed(indices) and self._weights_moved([i for i in indices if ledger.fresh[i]])
+        out = ledger.clear(indices, source, perturbed=perturbed, count=count)
         if self._sinks is not None:
             discarded = sum(len(o.params) for o in out)
             self._sinks.call("cleared", self.ledger.backwards, source, len(indices), discarded)
         return out
+
+    def _weights_moved(self, indices: list[int]) -> bool:
+        """Whether the loop changed any of these weights in place since their optimizer's latest step (SAM's
+        perturbation): a gradient dropped then was used on purpose. Read only on the rare path of a dropped window."""
+        versions = self._weight_versions
+        for i in indices:
+            p = self._params[i]()
+            if p is not None and p._version != versions[i]:
+                return True
+        return False
 
     def _watched_params_of(self, module: torch.nn.Module) -> list[tuple[int, torch.Tensor]]:
         params = []
@@ -432,15 +519,26 @@ class Tracker:
         for i in indices:
             ledger.mark_nonfinite(i, ledger.steps[ledger.owners[i]], *ledger.window_of(i))
 
-    def _notice_set_to_none(self, params: Iterable[tuple[int, torch.Tensor]]) -> list[Occurrence]:
-        """Clear the parameters holding contributions whose ``.grad`` became None or another tensor."""
+    def _notice_replaced(self, params: Iterable[tuple[int, torch.Tensor]]) -> list[Occurrence]:
+        """Look at each ``.grad`` before a step: set to None since we last saw it is a clear; replaced by another
+        tensor is a modification of a window's gradient, or a gradient supplied by hand (``torch.autograd.grad``)
+        when it held no fresh contribution."""
         ledger = self.ledger
-        cleared = [
-            i
-            for i, p in params
-            if (ledger.fresh[i] or ledger.consumed[i]) and (p.grad is None or not self._same_grad(i, p.grad))
-        ]
-        return self._clear(cleared, SET_TO_NONE) if cleared else []
+        cleared, supplied = [], []
+        for i, p in params:
+            grad = p.grad
+            if grad is None:
+                if ledger.fresh[i] or ledger.consumed[i]:
+                    cleared.append(i)
+            elif not self._same_grad(i, grad):
+                self._grad_refs[i] = weakref.ref(grad)
+                self._grad_versions[i] = grad._version
+                if not ledger.fresh[i]:
+                    supplied.append(i)
+        out = self._clear(cleared, SET_TO_NONE) if cleared else []
+        if supplied:
+            ledger.supplied(supplied)
+        return out
 
     def _read_finite_checks(self) -> None:
         owners = self.ledger.owners
@@ -470,6 +568,11 @@ class Tracker:
             size, indices = self._opt_layout[opt_index] = self._layout(opt_index, optimizer)
         params = groups[0]["params"] if len(groups) == 1 else [p for group in groups for p in group["params"]]
         return [(i, p) for i, p in zip(indices, params, strict=True) if i != NO_OWNER]
+
+
+def _dead_ref() -> None:
+    """Stands for the weak reference to a released parameter."""
+    return None
 
 
 def _skipped_by_grad_scaler(optimizer: torch.optim.Optimizer) -> bool:

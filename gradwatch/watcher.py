@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import weakref
 from types import TracebackType
@@ -43,6 +44,7 @@ class Watcher:
     ) -> None:
         ddp = model if isinstance(model, DDP) else None
         params, names, owners = _collect(model.module if ddp is not None else model, optimizers)
+        rank, world_size = _distributed()
         self._sinks = Sinks(sinks, warn)
         self._log = FindingLog(names, on_finding, self._finding_to_sinks if sinks else None)
         self._on_finding = on_finding
@@ -60,15 +62,18 @@ class Watcher:
             scaler=scaler,
             on_new_params=self._log.add_names,
             ddp=ddp,
+            count_syncs=world_size is not None,  # one rank: DDP's all-reduce communicates nothing
         )
+        self._tracker.adopt_existing_gradients(report=True)  # reported if a step consumes it
+        # closes the sinks once, whichever comes first: detach(), or every optimizer (and the watch) collected
+        self._close_sinks = weakref.finalize(self, _close_sinks, self._sinks)
         if sinks:
             layout = tuple(
                 (type(opt).__name__, tuple(i for i, owner in enumerate(owners) if owner == o))
                 for o, opt in enumerate(optimizers)
             )
-            rank, world_size = _distributed()
             self._sinks.call("started", RunInfo(tuple(names), layout, accumulation_steps, rank, world_size))
-        self._hooks = HookSet(self._tracker)
+        self._hooks = HookSet(self._tracker, on_all_optimizers_gone=self._close_sinks)
         self._targets = [weakref.ref(model), *(weakref.ref(o) for o in optimizers)]
         self._hooks.install(
             enumerate(params),
@@ -119,7 +124,10 @@ class Watcher:
             self._tracker.finish()
         finally:
             self._hooks.remove()
-            self._tracker.finish_sinks(self.findings)
+            if self._close_sinks.alive:
+                self._tracker.finish_sinks(self.findings)
+                self._close_sinks.detach()
+            self._tracker.release()
             for ref in self._targets:
                 target = ref()
                 if target is not None:
@@ -143,15 +151,11 @@ class Watcher:
         return f"<gradwatch.Watcher {state}: {n_params} parameters, {len(self._log.findings)} findings>"
 
     def _adopt_existing_gradients(self) -> None:
-        """For attaching mid-run (``gradwatch run``): count the gradients already there as one open window."""
+        """For attaching mid-run (``gradwatch run``): the gradients already there are one open window, expected."""
         self._tracker.adopt_existing_gradients()
 
     def _accumulation_steps(self) -> int | None:
         return self._tracker.ledger.accumulation_steps
-
-    def _tolerate_short_windows(self) -> None:
-        """For frameworks that step on an epoch's shorter last window (Lightning): stop checking window sizes."""
-        self._tracker.ledger.accumulation_steps = None
 
     def _finding_to_sinks(self, finding: Finding) -> None:
         self._sinks.call("finding", finding)
@@ -197,8 +201,9 @@ def watch(
         raise TypeError(f"watch() expects a torch.nn.Module as model, got {type(model).__name__}")
     optimizers = _optimizers(optimizer)
     if accumulation_steps is not None:
-        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int):
+        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, numbers.Integral):
             raise TypeError(f"accumulation_steps must be an int >= 1 or None, got {type(accumulation_steps).__name__}")
+        accumulation_steps = int(accumulation_steps)  # numpy and torch integers too
         if accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be >= 1 (backward passes per step), got {accumulation_steps}")
     if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
@@ -241,7 +246,18 @@ def watch(
             sink.abandon()
         where = os.fspath(logdir if logdir is not None else trace)  # type: ignore[arg-type]
         raise ValueError(f"cannot write gradwatch's logs at {where!r}: {error}") from None
-    return Watcher(model, optimizers, accumulation_steps, on_finding, finite_check, sinks, scaler)
+    try:
+        return Watcher(model, optimizers, accumulation_steps, on_finding, finite_check, sinks, scaler)
+    except BaseException:
+        for sink in sinks:  # nothing may outlive a watch() that failed: no writer thread, no open file
+            with contextlib.suppress(Exception):
+                sink.abandon()
+        raise
+
+
+def _close_sinks(sinks: Sinks) -> None:
+    """Close the sinks of a watch that was never detached (its optimizers and the watch were collected)."""
+    sinks.close()
 
 
 def _distributed() -> tuple[int | None, int | None]:
@@ -286,6 +302,11 @@ def _collect(
     names: list[str] = []
     index: dict[int, int] = {}
     for name, p in model.named_parameters():  # tied weights appear once, under their first name
+        if isinstance(p, torch.nn.parameter.UninitializedParameter):
+            raise ValueError(
+                f"parameter {name!r} is not initialized yet (a lazy module such as LazyLinear): run one forward "
+                "pass (or the model's dry run) before watch(), then build the optimizer and call watch()"
+            )
         index[id(p)] = len(params)
         params.append(p)
         names.append(name)

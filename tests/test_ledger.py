@@ -77,19 +77,84 @@ def test_nested_step_hooks_count_once():
     assert ledger.steps == [1]
 
 
+def _step(ledger, opt=0, params=(0, 1)):
+    ledger.step_begin(opt)
+    return ledger.step_end(opt, list(params))
+
+
 def test_discarded_empty_stale_and_mismatch():
     ledger = Ledger([0, 0], 1, accumulation_steps=2)
     ledger.backward([0, 1])
-    (discarded,) = ledger.clear([0, 1], "zero_grad")
-    assert (discarded.kind, discarded.detail["fresh"]) == (k.DISCARDED, 1)
-    ledger.step_begin(0)
-    assert kinds(ledger.step_end(0, [0, 1])) == [k.EMPTY_STEP]
+    assert ledger.clear([0, 1], "zero_grad") == []  # part of a window dropped: judged at the next step
+    empty, discarded = _step(ledger)
+    assert (discarded.kind, discarded.detail["fresh"], empty.kind) == (k.DISCARDED, 1, k.EMPTY_STEP)
     ledger.backward([0, 1])
-    ledger.step_begin(0)
-    (mismatch,) = ledger.step_end(0, [0, 1])
+    (mismatch,) = _step(ledger)
     assert (mismatch.kind, mismatch.detail) == (k.ACCUMULATION_MISMATCH, {"window": 1, "expected": 2})
-    ledger.step_begin(0)
-    assert kinds(ledger.step_end(0, [0, 1])) == [k.STALE]
+    assert kinds(_step(ledger)) == [k.STALE]
+    ledger.clear([0, 1], "zero_grad")
+    ledger.backward([0, 1])
+    ledger.backward([0, 1])
+    (discarded,) = ledger.clear([0, 1], "zero_grad")  # a whole window dropped: at once
+    assert (discarded.kind, discarded.step, discarded.detail["fresh"]) == (k.DISCARDED, 3, 2)
+
+
+def test_short_windows_between_full_ones_are_an_epoch_tail():
+    ledger = Ledger([0], 1, accumulation_steps=2)
+    for window in (2, 2, 1, 2, 1):  # epochs of 5 passes, the short last window stepped on
+        for _ in range(window):
+            ledger.backward([0])
+        assert _step(ledger, params=[0]) == []
+        ledger.clear([0], "zero_grad")
+    ledger.backward([0])
+    (mismatch,) = _step(ledger, params=[0])  # two short windows in a row: the window is wrong
+    assert (mismatch.kind, mismatch.step) == (k.ACCUMULATION_MISMATCH, 5)
+
+
+def test_a_partial_window_dropped_before_a_full_one_wastes_data():
+    ledger = Ledger([0], 1, accumulation_steps=2)
+    for _ in range(3):
+        ledger.backward([0])
+        ledger.backward([0])
+        _step(ledger, params=[0])
+        ledger.clear([0], "zero_grad")
+    ledger.backward([0])  # the epoch's tail
+    assert ledger.clear([0], "optimizer.zero_grad()") == []
+    ledger.backward([0])
+    ledger.backward([0])
+    (dropped,) = _step(ledger, params=[0])
+    assert (dropped.kind, dropped.step, dropped.detail["how"], dropped.detail["fresh"]) == (k.DANGLING, 3, "dropped", 1)
+
+
+def test_a_partial_window_dropped_before_the_first_step_is_a_set_up_pass():
+    ledger = Ledger([0], 1, accumulation_steps=2)
+    ledger.backward([0])  # a sanity check
+    ledger.clear([0], "zero_grad")
+    ledger.backward([0])
+    ledger.backward([0])
+    assert _step(ledger, params=[0]) == []
+
+
+def test_an_optimizer_that_never_steps_on_its_passes_is_found():
+    ledger = Ledger([0, 1], 2)  # body, head: the loop forgets head.step()
+    for _ in range(2):
+        ledger.backward([0, 1])
+        _step(ledger, opt=0, params=[0])
+        out = ledger.clear([0, 1], "model.zero_grad()")
+    (forgotten,) = out
+    assert (forgotten.kind, forgotten.params, forgotten.detail["how"]) == (k.DISCARDED, (1,), "not-stepped")
+
+
+def test_a_gan_discriminator_drops_by_products_of_the_generator_pass():
+    ledger = Ledger([0, 1], 2)  # generator 0, discriminator 1; G updated first
+    for _ in range(3):
+        ledger.clear([0], "opt_g.zero_grad()")
+        ledger.backward([0, 1])  # G's pass reaches D
+        _step(ledger, opt=0, params=[0])
+        assert ledger.clear([1], "opt_d.zero_grad()") == []
+        ledger.backward([1])  # D's own pass
+        _step(ledger, opt=1, params=[1])
+    assert ledger.finish([True, True]) == []
 
 
 def test_orphans_dangling_and_unused():
@@ -100,7 +165,7 @@ def test_orphans_dangling_and_unused():
     ledger.step_end(0, [0, 2])
     ledger.backward([0])
     dangling, unused = ledger.finish([True, True, True])
-    assert (dangling.kind, dangling.params, dangling.detail) == (k.DANGLING, (0,), {"fresh": 1})
+    assert (dangling.kind, dangling.params, dangling.detail["fresh"]) == (k.DANGLING, (0,), 1)
     assert (unused.kind, unused.params) == (k.UNUSED, (2,))
     assert ledger.finish([True, True, False])[1:] == []  # frozen: not unused
 

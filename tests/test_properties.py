@@ -22,6 +22,8 @@ class ReferenceRules:
         self.has_grad = dict.fromkeys(NAMES, False)
         self.received = False
         self.steps = self.backwards = 0
+        self.last_window = None  # passes the latest consuming step took
+        self.dropped = None  # (passes, step, backward, names) of a partial window cleared, judged at the next step
         self.first = {}  # kind -> (step, backward)
         self.params = {}  # kind -> names
 
@@ -33,7 +35,14 @@ class ReferenceRules:
     def _clear(self, names):
         lost = [n for n in names if self.fresh[n]]
         if lost:
-            self._found("discarded-gradient", lost)
+            passes = max(self.fresh[n] for n in lost)
+            full = self.k or self.last_window
+            if self.steps and full is not None and passes >= full:  # a whole window dropped
+                self._found("discarded-gradient", lost)
+            elif self.dropped is None or self.dropped[0] < passes:  # part of one: the next step tells
+                self.dropped = (passes, self.steps, self.backwards, lost)
+            elif self.dropped[0] == passes:
+                self.dropped = (*self.dropped[:3], [*self.dropped[3], *lost])
         for n in names:
             self.fresh[n] = self.consumed[n] = 0
             self.mixed.pop(n, None)
@@ -57,7 +66,20 @@ class ReferenceRules:
             mixed = [n for n in fresh if n in self.mixed]
             if mixed:
                 self._found("uncleared-gradient", mixed, *min(self.mixed[n] for n in mixed))
-            if self.k is not None and fresh and max(self.fresh[n] for n in fresh) != self.k:
+            window = max((self.fresh[n] for n in fresh), default=0)
+            previous = self.last_window
+            if window:
+                self.last_window = window
+            expected = self.k if self.k is not None else previous
+            if self.dropped is not None:
+                _, step, backward, names = self.dropped
+                self.dropped = None
+                if window == 0 or (expected is not None and window != expected):  # cleared inside this window
+                    self._found("discarded-gradient", names, step, backward)
+                elif step > 0:  # a full window followed: a partial one was dropped (wasted batches)
+                    self._found("dangling-gradient", names, step, backward)
+            short_tail = previous is not None and previous >= (self.k or 0) and window < (self.k or 0)
+            if self.k is not None and fresh and window != self.k and not short_tail:
                 self._found("accumulation-mismatch", fresh)
             for n in fresh:
                 self.consumed[n] += self.fresh[n]
@@ -73,6 +95,9 @@ class ReferenceRules:
         # clip changes values in place: not a clear, nothing to book
 
     def finish(self):
+        if self.dropped is not None and self.dropped[1] > 0:
+            _, step, backward, names = self.dropped
+            self._found("dangling-gradient", names, step, backward)
         fresh = [n for n in NAMES if self.fresh[n]]
         if fresh:
             self._found("dangling-gradient", fresh)

@@ -118,9 +118,13 @@ def test_a_failing_callback_is_reported_once_and_training_goes_on():
 def test_raise_mode_raises_from_zero_grad_for_a_discarded_gradient():
     model, opt = reference_model()
     w = watch(model, opt, on_finding="raise")
-    mse(model, *reference_data(1)[0]).backward()
+    x, y = reference_data(1)[0]
+    mse(model, x, y).backward()
+    opt.step()
+    opt.zero_grad()
+    mse(model, x, y).backward()
     with pytest.raises(GradientBugError) as info:
-        opt.zero_grad()
+        opt.zero_grad()  # a whole window (one pass, as the step before consumed) dropped between backward and step
     assert info.value.findings[0].kind == "discarded-gradient"
     assert model.weight.grad is None  # the user's zero_grad itself ran
     w.detach()

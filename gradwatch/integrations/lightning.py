@@ -48,13 +48,6 @@ class GradwatchCallback(pl.Callback):
             logdir = os.path.join(logger.log_dir, "gradwatch") if isinstance(logger, TensorBoardLogger) else None
         self.watcher = watch(pl_module, list(trainer.optimizers), accumulation, logdir=logdir, **self.watch_kwargs)
 
-    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        # Lightning steps on an epoch's last, shorter window: that is no accumulation mismatch
-        acc = self.watcher._accumulation_steps() if self.watcher is not None else None
-        batches = trainer.num_training_batches
-        if acc and isinstance(batches, int) and batches % acc:
-            self.watcher._tolerate_short_windows()
-
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self._detach()
 

@@ -76,6 +76,13 @@ class Sinks:
     def histogram_due(self, step: int) -> bool:
         return any(getattr(s, "histogram_due", lambda _: False)(step) for s in self._sinks)
 
+    def close(self) -> None:
+        """Close every sink without a final record (a watch that was never detached)."""
+        sinks, self._sinks = self._sinks, []
+        for sink in sinks:
+            with contextlib.suppress(Exception):
+                sink.abandon()
+
     def call(self, method: str, *args: object) -> None:
         for sink in list(self._sinks):
             handler = getattr(sink, method, None)

@@ -137,10 +137,13 @@ class TensorBoardSink:
         if record.grads:
             by_layer: dict[str, list] = {}
             for i, grad in record.grads.items():
-                by_layer.setdefault(layer_of(self._names[i]), []).append(grad.detach().reshape(-1))
+                values = grad.detach()
+                if values.is_complex():  # real and imaginary parts, not a cast that drops the imaginary one
+                    values = torch.view_as_real(values)
+                by_layer.setdefault(layer_of(self._names[i]), []).append(values.reshape(-1).float().cpu())
             for layer, parts in by_layer.items():
-                values = parts[0] if len(parts) == 1 else torch.cat([p.to(parts[0].dtype) for p in parts])
-                self._writer.add_histogram(f"grad/{prefix}{layer}", values.float().cpu(), s)
+                values = parts[0] if len(parts) == 1 else torch.cat(parts)
+                self._writer.add_histogram(f"grad/{prefix}{layer}", values, s)
 
     @staticmethod
     def _group_squares(params: Sequence[int], norms: Sequence[float], groups: Sequence[str]) -> dict[str, float]:
