@@ -213,11 +213,7 @@ class Tracker:
         for i in mixed:
             del self._zeroed[i]
         consumed = [(i, p) for i, p in params if ledger.fresh[i]]
-        versions, grad_versions = self._weight_versions, self._grad_versions
-        for i, p in consumed:
-            versions[i] = p._version
-            if p.grad is not None:
-                grad_versions[i] = p.grad._version
+        self._after_update(params)
         if self._sinks is None:
             self._check_finite(consumed)
             self._emit(ledger.step_end(opt_index, indices))
@@ -455,6 +451,16 @@ class Tracker:
             discarded = sum(len(o.params) for o in out)
             self._sinks.call("cleared", self.ledger.backwards, source, len(indices), discarded)
         return out
+
+    def _after_update(self, params: list[tuple[int, torch.Tensor]]) -> None:
+        """Versions after a step: of the weights it updated (did the loop move them later?), and of their
+        gradients (was a consumed gradient changed in place before the next accumulation?)."""
+        versions, grad_versions = self._weight_versions, self._grad_versions
+        for i, p in params:
+            grad = p.grad
+            if grad is not None:
+                versions[i] = p._version
+                grad_versions[i] = grad._version
 
     def _weights_moved(self, indices: list[int]) -> bool:
         """Whether the loop changed any of these weights in place since their optimizer's latest step (SAM's
