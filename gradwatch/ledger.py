@@ -209,10 +209,13 @@ class Ledger:
         if all(self.fresh_last[i] <= self.newest_consumed_backward for i in params):
             # another optimizer stepped on these passes, and this one never steps on passes of its own
             forgotten = replace(occurrence, detail={**detail, "how": "not-stepped", "opt": owner})
-            if self.steps[owner] or self.unstepped_drop[owner] is not None:
+            if self.steps[owner]:
                 return [forgotten]
-            self.unstepped_drop[owner] = forgotten  # a GAN updating G first: D steps on a pass of its own next
-            return []
+            first, self.unstepped_drop[owner] = self.unstepped_drop[owner], forgotten
+            if first is not None:  # a second window dropped and still no step of its own: it was forgotten
+                self.unstepped_drop[owner] = None
+                return [first, forgotten]
+            return []  # maybe a GAN updating G first: D steps on a pass of its own next
         full = self.accumulation_steps or self.last_window[owner]
         if self.steps[owner] and full is not None and passes >= full:
             return [occurrence]  # a whole window dropped: cleared between backward() and step()
@@ -246,6 +249,10 @@ class Ledger:
         if self.fresh_last[i] > self.newest_consumed_backward:
             return True
         return not self._is_independent(owner)  # else a by-product of a pass another optimizer consumed
+
+    def _dropped_unstepped(self, i: int) -> bool:
+        forgotten = self.unstepped_drop[self.owners[i]]
+        return forgotten is not None and i in forgotten.params
 
     def _is_independent(self, owner: int) -> bool:
         if not self.independent[owner]:
@@ -436,7 +443,7 @@ class Ledger:
             if forgotten is not None and not self.steps[opt]:
                 out.append(forgotten)
         by_others = [i for i in left if self.fresh_last[i] <= self.newest_consumed_backward]
-        never = [i for i in by_others if not self.steps[self.owners[i]] and self.unstepped_drop[self.owners[i]] is None]
+        never = [i for i in by_others if not self.steps[self.owners[i]] and not self._dropped_unstepped(i)]
         if never:  # never cleared and never stepped, while another optimizer stepped on the same passes
             owner = self.owners[never[0]]
             detail = {"source": "the end of the run", "fresh": max(self.fresh[i] for i in never)}

@@ -272,3 +272,111 @@ def test_raise_mode_raises_from_the_step_that_consumes_an_uncleared_gradient():
         opt.step()
     assert [f.kind for f in info.value.findings] == ["uncleared-gradient"]
     w.detach()
+
+
+# -- issue 10: the bugs around the legitimate idioms ------------------------------------------------------
+def _epochs(model, opt, data, epochs=2, step_on_tail=False, window=ACC):
+    for _ in range(epochs):
+        opt.zero_grad()  # at each epoch's start: it wipes a tail left by the previous epoch
+        for i, (x, y) in enumerate(data):
+            mse(model, x, y, ACC).backward()
+            if (i + 1) % window == 0 or (step_on_tail and i + 1 == len(data)):
+                opt.step()
+                opt.zero_grad()
+
+
+def test_dropping_the_partial_last_window_of_an_epoch_wastes_batches():
+    model, opt = reference_model()
+    with watch(model, opt, accumulation_steps=ACC) as w:
+        _epochs(model, opt, reference_data(7))
+    f = the(w, "dangling-gradient")
+    assert kinds(w) == {"dangling-gradient"}  # no discarded-gradient, no accumulation-mismatch: nothing is an error
+    assert (f.severity, f.params, f.step, f.backward) == ("warning", ("weight", "bias"), 3, 7)
+    assert "never trained on" in f.message and "i + 1 == len(loader)" in f.message
+    assert f.count == 2  # dropped by the next epoch's zero_grad, then left at the end of the run
+
+
+def test_stepping_short_windows_all_the_time_is_a_mismatch():
+    model, opt = reference_model()
+    with watch(model, opt, accumulation_steps=3) as w:  # declared 3, the loop steps every 2 passes
+        _epochs(model, opt, reference_data(8), window=2)
+    f = the(w, "accumulation-mismatch")
+    assert (f.params, f.step, f.count) == (("weight", "bias"), 0, 8)
+
+
+def test_two_short_windows_in_a_row_are_a_mismatch():
+    model, opt = reference_model()
+    with watch(model, opt, accumulation_steps=ACC) as w:
+        _epochs(model, opt, reference_data(1), epochs=3, step_on_tail=True)  # epochs shorter than one window
+    f = the(w, "accumulation-mismatch")
+    assert (f.step, f.count) == (0, 3)
+
+
+@pytest.mark.parametrize("how", ["never", "every-other-iteration"])
+@pytest.mark.parametrize("clear", ["model", "both-optimizers"])
+def test_one_of_several_optimizers_never_steps(how, clear):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    body = torch.optim.SGD(model[0].parameters(), lr=0.01)
+    head = torch.optim.SGD(model[2].parameters(), lr=0.01)
+    with watch(model, [body, head]) as w:
+        for i, (x, y) in enumerate(reference_data()):
+            mse(model, x, y).backward()
+            body.step()
+            if how == "every-other-iteration" and i % 2 == 0:
+                head.step()
+            if clear == "model":
+                model.zero_grad()
+            else:
+                body.zero_grad()
+                head.zero_grad()
+    f = the(w, "discarded-gradient")
+    assert kinds(w) == {"discarded-gradient"}
+    assert f.params == ("2.weight", "2.bias")
+    assert f.step == (0 if how == "never" else 1)  # steps of the optimizer concerned
+    assert "optimizer[1] never stepped" in f.message
+
+
+def test_an_optimizer_never_stepped_nor_cleared_is_found_at_the_end():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    body = torch.optim.SGD(model[0].parameters(), lr=0.01)
+    head = torch.optim.SGD(model[2].parameters(), lr=0.01)
+    with watch(model, [body, head]) as w:
+        for x, y in reference_data():
+            mse(model, x, y).backward()
+            body.step()
+            body.zero_grad()
+    f = the(w, "discarded-gradient")
+    assert (f.params, f.step) == (("2.weight", "2.bias"), 0)
+
+
+def test_a_gradient_left_in_grad_before_watch_is_reported_when_a_step_consumes_it():
+    model, opt = reference_model()
+    data = reference_data()
+    mse(model, *data[0]).backward()  # a sanity pass before attaching, never cleared
+    with watch(model, opt, accumulation_steps=ACC) as w:
+        for i, (x, y) in enumerate(data):
+            mse(model, x, y, ACC).backward()
+            if (i + 1) % ACC == 0:
+                opt.step()
+                opt.zero_grad()
+    f = the(w, "pre-existing-gradient")
+    assert kinds(w) == {"pre-existing-gradient"}
+    assert (f.severity, f.params, f.step) == ("warning", ("weight", "bias"), 0)
+    assert "zero_grad()" in f.message
+
+
+def test_the_watched_optimizer_replaced_mid_run_is_said_plainly():
+    model, opt = reference_model()
+    data = reference_data()
+    with pytest.warns(gradwatch.GradientWarning, match="garbage-collected") as caught, watch(model, opt) as w:
+        for i, (x, y) in enumerate(data):
+            if i == 4:
+                opt = torch.optim.Adam(model.parameters())  # the watched SGD is collected here
+            mse(model, x, y).backward()
+            opt.step()
+            opt.zero_grad()
+    assert w.findings == []  # no discarded-gradient with advice to move zero_grad
+    assert len([c for c in caught if "garbage-collected" in str(c.message)]) == 1
+    assert "stopped checking: the watched optimizer[0] was garbage-collected" in w.report()

@@ -76,18 +76,20 @@ class _SharedBlock(torch.nn.Module):
 
 
 class _TiedInsideCheckpoint(torch.nn.Module):
-    """An output head tied to an embedding, both inside the checkpointed segment."""
+    """An output head inside the checkpointed segment, tied to the embedding outside it: the one weight
+    accumulates twice per backward, first in the nested pass, then in the outer one."""
 
     def __init__(self):
         super().__init__()
         self.embed = torch.nn.Embedding(20, 10)
+        self.block = torch.nn.Linear(10, 10)
         self.head = torch.nn.Linear(10, 20, bias=False)
         self.head.weight = self.embed.weight
 
     def forward(self, x):
         tokens = (x.abs() * 5).long().clamp(max=19)
-        anchor = torch.ones(1, requires_grad=True)  # reentrant checkpointing needs an input requiring grad
-        logits = checkpoint(lambda t, a: self.head(torch.tanh(self.embed(t))) * a, tokens, anchor, use_reentrant=True)
+        hidden = self.embed(tokens)
+        logits = checkpoint(lambda h: self.head(torch.tanh(self.block(h))), hidden, use_reentrant=True)
         return logits.mean(dim=(1, 2)).unsqueeze(1)
 
 
