@@ -310,7 +310,7 @@ class _GlobalPatch:
 
     def __init__(self, owner: Any, name: str, make: Callable[[Callable[..., Any], Watches], Callable[..., Any]]):
         self.owner, self.name, self._make = owner, name, make
-        self.watches = Watches()
+        self.watches = Watches(self._restore_if_unused)
         self._original: Callable[..., Any] | None = None
         self._dispatcher: Callable[..., Any] | None = None
 
@@ -323,6 +323,9 @@ class _GlobalPatch:
 
     def discard(self, hooks: HookSet) -> None:
         self.watches.discard(hooks)
+        self._restore_if_unused()
+
+    def _restore_if_unused(self) -> None:
         if not self.watches and self._original is not None and getattr(self.owner, self.name) is self._dispatcher:
             setattr(self.owner, self.name, self._original)
             self._original = self._dispatcher = None
@@ -330,13 +333,18 @@ class _GlobalPatch:
 
 class Watches:
     """The live watches a global patch dispatches to, held weakly: a watch nobody detached goes with its model
-    and optimizer."""
+    and optimizer, and ``on_empty`` runs when the last one is collected."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_empty: Callable[[], None]) -> None:
         self._refs: list[weakref.ref[HookSet]] = []
+        self._on_empty = on_empty
 
     def add(self, hooks: HookSet) -> None:
-        self._refs = [ref for ref in self._refs if ref() is not None] + [weakref.ref(hooks)]
+        self._refs = [ref for ref in self._refs if ref() is not None] + [weakref.ref(hooks, self._collected)]
+
+    def _collected(self, _: Any) -> None:
+        if not self:
+            self._on_empty()
 
     def discard(self, hooks: HookSet) -> None:
         self._refs = [ref for ref in self._refs if ref() is not None and ref() is not hooks]

@@ -34,6 +34,7 @@ def _missing_zero_grad(model, opt, data):
         ({"accumulation_steps": 0}, ValueError, "accumulation_steps must be >= 1"),
         ({"accumulation_steps": 2.0}, TypeError, "accumulation_steps must be an int"),
         ({"accumulation_steps": True}, TypeError, "accumulation_steps must be an int"),
+        ({"accumulation_steps": torch.tensor(2.0)}, TypeError, "accumulation_steps must be an int"),
         ({"on_finding": "print"}, ValueError, "on_finding must be one of"),
         ({"on_finding": 3}, TypeError, "on_finding must be one of"),
         ({"logdir": 3}, TypeError, "logdir must be a str or os.PathLike"),
@@ -211,7 +212,14 @@ def test_training_numbers_are_identical_bit_for_bit(bug, streaming, tmp_path):
 def _global_functions():
     """What gradwatch patches while any watch is live (classes and modules it is not handed)."""
     scaler, utils = torch.amp.GradScaler, torch.nn.utils
-    return [torch.nn.Module.zero_grad, scaler.step, scaler.unscale_, utils.clip_grad_norm_, utils.clip_grad_value_]
+    return [
+        torch.nn.Module.zero_grad,
+        scaler.step,
+        scaler.unscale_,
+        utils.clip_grad_norm_,
+        utils.clip_grad_value_,
+        torch.utils.swap_tensors,
+    ]
 
 
 def test_detach_removes_every_hook_wrapper_and_reference():
@@ -331,3 +339,172 @@ def test_an_error_in_the_contribution_pre_hook_is_contained(tmp_path, monkeypatc
         w.detach()
     assert w._tracker.ledger.steps == [0]  # checking stopped at the first backward; training went on
     assert model.weight.grad is None and not torch.equal(model.weight, reference_model()[0].weight)
+
+
+# -- raise mode and warnings-as-errors leave training usable (issue 10) --------------------------------
+def _set_none_then_step(model, opt, x, y):
+    mse(model, x, y).backward()
+    for p in model.parameters():
+        p.grad = None  # drops the window's gradient by hand, right before the step
+    opt.step()
+
+
+@pytest.mark.parametrize("mode", ["raise", "warn-as-error"])
+def test_a_raise_from_step_leaves_the_watch_consistent(mode):
+    model, opt = reference_model()
+    data = reference_data()
+    w = gradwatch.watch(model, opt, on_finding="raise" if mode == "raise" else "warn")
+    expected = GradientBugError if mode == "raise" else GradientWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientWarning)
+        mse(model, *data[0]).backward()
+        opt.step()
+        opt.zero_grad()
+        with pytest.raises(expected, match="discarded-gradient"):
+            _set_none_then_step(model, opt, *data[1])
+        opt.zero_grad()
+        for x, y in data[2:5]:  # training goes on, and so does checking
+            mse(model, x, y).backward()
+            opt.step()
+            opt.zero_grad()
+        assert w._tracker.ledger.steps == [4]  # the raising step never ran; the others are all booked
+        mse(model, *data[5]).backward()
+        opt.step()  # then a missing zero_grad: found as usual
+        with pytest.raises(expected, match="uncleared-gradient"):
+            mse(model, *data[6]).backward()
+            opt.step()
+        opt.zero_grad()
+        w.detach()  # no false dangling-gradient from a step left open
+    assert sorted(f.kind for f in w.findings) == ["discarded-gradient", "uncleared-gradient"]
+
+
+def test_a_raise_at_the_end_of_backward_comes_after_every_other_end_of_backward_callback():
+    engine = torch.autograd.Variable._execution_engine
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 4), torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD(model[0].parameters(), lr=0.1)  # model[1] is an orphan: found at the backward
+    ran = []
+    model[1].weight.register_post_accumulate_grad_hook(lambda p: engine.queue_callback(lambda: ran.append(True)))
+    w = watch(model, opt, on_finding="raise")
+    x, y = reference_data(1)[0]
+    with pytest.raises(GradientBugError, match="orphan-gradient"):
+        mse(model, x, y).backward()
+    assert ran == [True]  # the user's (or DDP's) callback queued after gradwatch's still ran
+    opt.step()
+    opt.zero_grad()
+    w.detach()
+
+
+# -- resources (issue 10) -----------------------------------------------------------------------------
+def _gradwatch_threads():
+    import threading
+
+    return [t for t in threading.enumerate() if "EventFileWriter" in type(t).__name__ or "Async" in type(t).__name__]
+
+
+def test_watches_never_detached_go_with_their_model_and_optimizer(tmp_path):
+    threads_before = len(_gradwatch_threads())
+    originals = [torch.nn.Module.zero_grad, torch.utils.swap_tensors]
+    for run in range(20):  # a sweep, or a notebook cell run again and again
+        model, opt = reference_model()
+        w = watch(model, opt, logdir=tmp_path / str(run))
+        reference_loop(model, opt, reference_data(2))
+        del model, opt, w
+    gc.collect()
+    assert len(_gradwatch_threads()) == threads_before  # every TensorBoard writer closed
+    assert [torch.nn.Module.zero_grad, torch.utils.swap_tensors] == originals  # the dispatchers are gone
+    module = torch.nn.Linear(2, 2)
+    module.zero_grad()  # an unrelated call costs what it did
+
+
+def test_a_watch_whose_optimizers_are_gone_closes_its_writer_even_if_the_watcher_is_kept(tmp_path):
+    threads_before = len(_gradwatch_threads())
+    model, opt = reference_model()
+    w = watch(model, opt, logdir=tmp_path)
+    reference_loop(model, opt, reference_data(2))
+    del model, opt
+    gc.collect()
+    assert len(_gradwatch_threads()) == threads_before
+    w.detach()  # still fine afterwards
+
+
+@pytest.mark.parametrize("how", ["to", "load_state_dict"])
+def test_swap_tensors_paths_work_after_detach_and_while_watched(how):
+    swap_before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model, opt = reference_model()
+        convert = {
+            "to": lambda m: m.to(torch.float64),
+            "load_state_dict": lambda m: m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}),
+        }[how]
+        w = watch(model, opt)
+        reference_loop(model, opt, reference_data(2))
+        w.detach()
+        convert(model)  # nothing of gradwatch is left on the parameters
+
+        model, opt = reference_model()
+        w = gradwatch.watch(model, opt)
+        reference_loop(model, opt, reference_data(2))
+        with pytest.warns(GradientWarning, match="swap_tensors swapped a watched parameter"):
+            convert(model)  # works while watched: gradwatch lets go of the model and says so
+        assert "stopped checking: torch.utils.swap_tensors" in w.report()
+        w.detach()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap_before)
+
+
+def test_a_watch_that_fails_half_way_leaves_no_writer_and_says_what_to_do(tmp_path):
+    threads_before = len(_gradwatch_threads())
+    model = torch.nn.Sequential(torch.nn.LazyLinear(4), torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="run one forward pass"):
+        gradwatch.watch(model, opt, logdir=tmp_path)
+    assert len(_gradwatch_threads()) == threads_before
+
+
+# -- smaller ones (issue 10) ---------------------------------------------------------------------------
+def test_a_clear_by_hand_is_counted_once():
+    model, opt = reference_model()
+    with watch(model, opt) as w:
+        for x, y in reference_data(7):
+            mse(model, x, y).backward()
+            opt.step()
+            for p in model.parameters():
+                p.grad = None
+    assert "gradient clears:    7" in w.report()  # each noticed once (it was 13: at the backward start and end)
+
+
+def test_a_finding_whose_parameters_change_every_step_does_not_flood():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(3, 3) for _ in range(12)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        w = gradwatch.watch(model, opt)
+        for i in range(12):
+            mse(model, torch.randn(2, 3), torch.randn(2, 3)).backward()
+            with torch.no_grad():
+                model[i].weight.grad[0, 0] = float("nan")  # a different parameter each step
+            opt.step()
+            opt.zero_grad()
+        w.detach()
+    nan_warnings = [c for c in caught if "non-finite-gradient" in str(c.message)]
+    assert 1 <= len(nan_warnings) <= gradwatch.finding_log.MAX_PER_KIND
+    assert sum(f.count for f in w.findings if f.kind == "non-finite-gradient") == 12
+
+
+def test_complex_parameters_with_a_logdir_cast_nothing(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1, dtype=torch.complex64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    options = gradwatch.TensorBoardOptions(histogram_every=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with gradwatch.watch(model, opt, logdir=tmp_path, tensorboard=options) as w:
+            for _ in range(3):
+                x = torch.randn(2, 4, dtype=torch.complex64)
+                model(x).abs().sum().backward()
+                opt.step()
+                opt.zero_grad()
+    assert w.findings == []
