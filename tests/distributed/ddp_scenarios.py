@@ -88,7 +88,26 @@ def _unchanged(rank: int, logdir: str) -> bool:
     return all(torch.equal(a, b) for a, b in zip(plain, watched, strict=True))
 
 
+def _raise_then_train(rank: int, logdir: str) -> dict:
+    """on_finding="raise" from the end of a backward pass under DDP: caught, then training goes on."""
+    model, _, data = _setup(rank)
+    opt = torch.optim.SGD(model.module[1].parameters(), lr=0.01)  # the first layer is left out: an orphan
+    w = gradwatch.watch(model, opt, on_finding="raise")
+    raised = 0
+    for x, y in data:
+        try:
+            torch.nn.functional.mse_loss(model(x), y).backward()
+        except gradwatch.GradientBugError:
+            raised += 1
+        opt.step()
+        opt.zero_grad()
+        model.module[0].zero_grad()
+    w.detach()
+    return {"raised": raised, "steps": w._tracker.ledger.steps, "kinds": [f.kind for f in w.findings]}
+
+
 SCENARIOS: dict[str, Callable[[int, str], Any]] = {
+    "raise_then_train": _raise_then_train,
     "no_sync": lambda rank, logdir: _findings(rank, logdir),
     "no_sync_bucket_view": lambda rank, logdir: _findings(rank, logdir, bucket_view=True),
     "no_sync_bucket_view_zeroed": lambda rank, logdir: _findings(rank, logdir, bucket_view=True, set_to_none=False),

@@ -122,3 +122,25 @@ def test_report_over_agreeing_ranks_is_clean(ddp_run, capsys):
 def test_training_numbers_under_ddp_are_identical_bit_for_bit(ddp_run):
     _, results = ddp_run
     assert [results[r]["weights_unchanged_by_the_watch"] for r in RANKS] == [True, True]
+
+
+def test_a_raise_from_backward_leaves_ddp_usable(ddp_run):
+    _, results = ddp_run
+    for r in RANKS:
+        assert results[r]["raise_then_train"] == {"raised": 1, "steps": [8], "kinds": ["orphan-gradient"]}
+
+
+def test_one_rank_has_no_communication_to_waste(tmp_path):
+    """DDP over a world of one (a debugging run of a DDP script): no redundant-sync about ranks."""
+    import datetime
+
+    from ddp_scenarios import _loop
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=datetime.timedelta(seconds=30)
+    )
+    try:
+        w, _ = _loop(0, str(tmp_path), use_no_sync=False)
+    finally:
+        dist.destroy_process_group()
+    assert w is not None and w.findings == []
