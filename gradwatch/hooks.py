@@ -7,6 +7,7 @@ post-accumulate-grad hook that captures its parameter is never collected.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import sys
@@ -97,14 +98,18 @@ def _guard_in_backward(receiver: Receiver, call: Callable[..., Any], *args: Any)
 _FUNCTION_BACKWARD = torch.autograd.function.BackwardCFunction.apply.__code__
 
 
+_NESTING_REACH = 16  # frames between a hook (or a Function's backward) and the Function.backward calling backward()
+
+
 def _enclosing_function_node() -> Any:
     """The outermost autograd node of a Python ``Function`` whose ``backward`` is running on this thread (a
-    reentrant checkpoint runs a nested backward from there), or None."""
-    node, frame = None, sys._getframe(2)
-    while frame is not None:
+    reentrant checkpoint runs a nested backward from there), or None. Looks a few frames up from the hook,
+    then as far again from each such node: a pass that is not nested costs a bounded walk, not the stack."""
+    node, frame, reach = None, sys._getframe(2), _NESTING_REACH
+    while frame is not None and reach:
         if frame.f_code is _FUNCTION_BACKWARD:
-            node = frame.f_locals.get("self", node)
-        frame = frame.f_back
+            node, reach = frame.f_locals.get("self", node), _NESTING_REACH
+        frame, reach = frame.f_back, reach - 1
     return node
 
 
@@ -462,10 +467,8 @@ _GLOBAL_PATCHES = _global_patches()
 def _optimizer_gone(hooks_ref: weakref.ref[HookSet], opt_index: int, _: Any) -> None:
     hooks = hooks_ref()
     if hooks is not None:
-        try:
+        with contextlib.suppress(Exception):  # called by the garbage collector: nowhere to report to
             hooks.optimizer_gone(opt_index)
-        except Exception:  # noqa: S110 - called by the garbage collector: nowhere to report to
-            pass
 
 
 class HookSet:

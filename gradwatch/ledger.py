@@ -64,7 +64,9 @@ class Ledger:
         self.n_fresh = [0] * n_optimizers  # parameters of each optimizer holding fresh contributions
         self.window_nonfinite = [False] * n_optimizers  # the pending window holds NaN/Inf (a skipped step)
         self.last_window: list[int | None] = [None] * n_optimizers  # passes the latest step consumed (None: unknown)
-        self.dropped: list[tuple[Occurrence, int] | None] = [None] * n_optimizers  # a partial window cleared, judged next step
+        self.dropped: list[tuple[Occurrence, int] | None] = [
+            None
+        ] * n_optimizers  # a partial window cleared, judged next step
         self.independent = [False] * n_optimizers  # stepped on a pass no other optimizer consumed
         self.unstepped_drop: list[Occurrence | None] = [None] * n_optimizers  # by-products cleared before any step
         self._consumers: dict[int, int] = {}  # recent backward passes -> bit mask of the optimizers that consumed them
@@ -401,11 +403,11 @@ class Ledger:
         expected = full if full is not None else previous
         out: list[Occurrence] = []
         if dropped is not None:
-            occurrence, passes = dropped
+            occurrence = dropped[0]
             if window == 0 or (expected is not None and window != expected):
                 out.append(occurrence)  # the clear ran inside this window: the step consumed what was left
             elif occurrence.step > 0:  # a full window followed: the loop dropped an epoch's partial last window
-                return [replace(occurrence, kind=k.DANGLING, detail={**occurrence.detail, "how": "dropped"})]
+                return [_wasted(occurrence)]
         if full is None or unknown or not params or window == full:
             return out
         if window < full and previous is not None and previous >= full:
@@ -429,10 +431,9 @@ class Ledger:
     def finish(self, trainable: Sequence[bool]) -> list[Occurrence]:
         """End-of-run checks: contributions never consumed, and parameters that never got a gradient."""
         out: list[Occurrence] = []
-        for owner, dropped in enumerate(self.dropped):
+        for dropped in self.dropped:
             if dropped is not None and dropped[0].step > 0:
-                occurrence = dropped[0]
-                out.append(replace(occurrence, kind=k.DANGLING, detail={**occurrence.detail, "how": "dropped"}))
+                out.append(_wasted(dropped[0]))
         self.dropped = [None] * len(self.dropped)
         left = [
             i
@@ -463,6 +464,11 @@ class Ledger:
         if unused:
             out.append(Occurrence(k.UNUSED, tuple(unused), max(self.steps), self.backwards))
         return out
+
+
+def _wasted(dropped: Occurrence) -> Occurrence:
+    """A dropped partial window, judged: an epoch's tail that was never trained on."""
+    return replace(dropped, kind=k.DANGLING, detail={**dropped.detail, "how": "dropped"})
 
 
 def _passes(first: int, last: int) -> str:

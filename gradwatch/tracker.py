@@ -103,7 +103,12 @@ class Tracker:
                 self._zeroed[index] = [(zeros, None) for _, zeros in groups]
         elif index in suspects:  # no peer to judge by: an in-place change besides this accumulation is the clear
             ref, grad = self._grad_refs[index], param.grad
-            if grad is not None and ref is not None and ref() is grad and grad._version - self._grad_versions[index] > 1:
+            if (
+                grad is not None
+                and ref is not None
+                and ref() is grad
+                and grad._version - self._grad_versions[index] > 1
+            ):
                 ledger.clear_consumed([index])
         self._emit(out)
 
@@ -416,7 +421,7 @@ class Tracker:
         params = [ref() for ref in self._params]
         alive = [(i, p) for i, p in enumerate(params) if p is not None]
         self._check_finite([(i, p) for i, p in alive if self.ledger.fresh[i]])
-        out = self._notice_replaced(alive)
+        out = self._notice_replaced(alive, supply=False)
         trainable = [p is not None and p.requires_grad for p in params]
         self._emit(out + self.ledger.finish(trainable))
 
@@ -525,10 +530,10 @@ class Tracker:
         for i in indices:
             ledger.mark_nonfinite(i, ledger.steps[ledger.owners[i]], *ledger.window_of(i))
 
-    def _notice_replaced(self, params: Iterable[tuple[int, torch.Tensor]]) -> list[Occurrence]:
+    def _notice_replaced(self, params: Iterable[tuple[int, torch.Tensor]], supply: bool = True) -> list[Occurrence]:
         """Look at each ``.grad`` before a step: set to None since we last saw it is a clear; replaced by another
-        tensor is a modification of a window's gradient, or a gradient supplied by hand (``torch.autograd.grad``)
-        when it held no fresh contribution."""
+        tensor is a modification of a window's gradient, or (``supply``) a gradient supplied by hand
+        (``torch.autograd.grad``) when it held no fresh contribution; at the end of the run, a clear."""
         ledger = self.ledger
         cleared, supplied = [], []
         for i, p in params:
@@ -540,7 +545,7 @@ class Tracker:
                 self._grad_refs[i] = weakref.ref(grad)
                 self._grad_versions[i] = grad._version
                 if not ledger.fresh[i]:
-                    supplied.append(i)
+                    (supplied if supply else cleared).append(i)
         out = self._clear(cleared, SET_TO_NONE) if cleared else []
         if supplied:
             ledger.supplied(supplied)

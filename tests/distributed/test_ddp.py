@@ -137,7 +137,11 @@ def test_one_rank_has_no_communication_to_waste(tmp_path):
     from ddp_scenarios import _loop
 
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=datetime.timedelta(seconds=30)
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{_free_port()}",
+        rank=0,
+        world_size=1,
+        timeout=datetime.timedelta(seconds=30),
     )
     try:
         w, _ = _loop(0, str(tmp_path), use_no_sync=False)
