@@ -90,15 +90,19 @@ def _guard_in_backward(receiver: Receiver, call: Callable[..., Any], *args: Any)
     """``_guard`` for calls made inside a backward pass: a GradientBugError (or a warning turned into an error)
     is raised at the end of the pass instead, so autograd and DDP finish their own work first."""
     try:
-        _guard(receiver, "backward", call, *args)
+        if receiver.pending_stop is not None:
+            receiver.report_pending_stop()
+        call(*args)
     except (GradientBugError, Warning) as error:
         _raise_at_backward_end(error)
+    except Exception as error:  # a debugging tool must never break training
+        receiver.internal_error(error, "backward")
 
 
 _FUNCTION_BACKWARD = torch.autograd.function.BackwardCFunction.apply.__code__
 
 
-_NESTING_REACH = 16  # frames between a hook (or a Function's backward) and the Function.backward calling backward()
+_NESTING_REACH = 10  # frames between a hook (or a Function's backward) and the Function.backward calling backward()
 
 
 def _enclosing_function_node() -> Any:
@@ -175,7 +179,7 @@ class BackwardGrouper:
         if task in self._open or task in self._nested:
             return
         starting = not self._open and not self._awaiting_root
-        node = _enclosing_function_node()
+        node = _enclosing_function_node() if starting else None  # a later task joins the running pass anyway
         if node is None:
             self._open.append(task)
             _queue_callback(functools.partial(self._task_done, task))

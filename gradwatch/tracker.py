@@ -217,8 +217,7 @@ class Tracker:
             ledger.clear_consumed([i for i, z in zip(mixed, zeroed, strict=True) if z])
         for i in mixed:
             del self._zeroed[i]
-        consumed = [(i, p) for i, p in params if ledger.fresh[i]]
-        self._after_update(params)
+        consumed = self._after_update(params)
         if self._sinks is None:
             self._check_finite(consumed)
             self._emit(ledger.step_end(opt_index, indices))
@@ -457,15 +456,20 @@ class Tracker:
             self._sinks.call("cleared", self.ledger.backwards, source, len(indices), discarded)
         return out
 
-    def _after_update(self, params: list[tuple[int, torch.Tensor]]) -> None:
-        """Versions after a step: of the weights it updated (did the loop move them later?), and of their
-        gradients (was a consumed gradient changed in place before the next accumulation?)."""
-        versions, grad_versions = self._weight_versions, self._grad_versions
+    def _after_update(self, params: list[tuple[int, torch.Tensor]]) -> list[tuple[int, torch.Tensor]]:
+        """Note the versions after a step, of the weights it updated (did the loop move them later?) and of their
+        gradients (was a consumed gradient changed in place before the next accumulation?); returns the
+        parameters whose fresh gradients the step consumes."""
+        versions, grad_versions, fresh = self._weight_versions, self._grad_versions, self.ledger.fresh
+        consumed = []
         for i, p in params:
             grad = p.grad
             if grad is not None:
                 versions[i] = p._version
                 grad_versions[i] = grad._version
+            if fresh[i]:
+                consumed.append((i, p))
+        return consumed
 
     def _weights_moved(self, indices: list[int]) -> bool:
         """Whether the loop changed any of these weights in place since their optimizer's latest step (SAM's
