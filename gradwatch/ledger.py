@@ -12,11 +12,12 @@ Rules that keep legitimate loops free of false alarms while the bugs stay caught
   whose gradients only ever come from passes others step on, and which skips some, was forgotten;
 - window sizes: with ``accumulation_steps`` K, a window shorter than K is an epoch's short last window when
   the window before it was full (at most one short window between full ones); anything else is a mismatch;
-- a clear that drops part of a window is judged at the optimizer's next step: if that step consumes a full
-  window, the loop dropped an epoch's partial last window (wasted batches: ``dangling-gradient``, a warning);
-  otherwise the clear ran inside the window (``discarded-gradient``). A clear that drops a whole window
-  is judged at once. Before an optimizer's first step a dropped window is a set-up pass (a sanity check),
-  unless the first step then consumes a short or empty window;
+- a clear that drops unconsumed contributions is judged at the optimizer's next step: if that step consumes
+  an empty or wrong-sized window, the clear ran inside the window or between backward and step
+  (``discarded-gradient``); if it consumes a full window, the loop dropped an epoch's partial last window
+  (wasted batches: ``dangling-gradient``, a warning) or skipped a whole window on purpose (a NaN guard), which
+  is a bug only when whole windows are dropped before two steps in a row. Before an optimizer's first step a
+  dropped window is a set-up pass (a sanity check);
 - dropped contributions whose weights the loop moved outside a step (SAM's perturbation) were used on purpose.
 """
 
@@ -64,9 +65,8 @@ class Ledger:
         self.n_fresh = [0] * n_optimizers  # parameters of each optimizer holding fresh contributions
         self.window_nonfinite = [False] * n_optimizers  # the pending window holds NaN/Inf (a skipped step)
         self.last_window: list[int | None] = [None] * n_optimizers  # passes the latest step consumed (None: unknown)
-        self.dropped: list[tuple[Occurrence, int] | None] = [
-            None
-        ] * n_optimizers  # a partial window cleared, judged next step
+        self.dropped: list[tuple[Occurrence, int] | None] = [None] * n_optimizers  # cleared unconsumed: judged next step
+        self.skipped_window = [False] * n_optimizers  # the latest step came after a whole window was dropped
         self.independent = [False] * n_optimizers  # stepped on a pass no other optimizer consumed
         self.unstepped_drop: list[Occurrence | None] = [None] * n_optimizers  # by-products cleared before any step
         self._consumers: dict[int, int] = {}  # recent backward passes -> bit mask of the optimizers that consumed them
@@ -218,9 +218,6 @@ class Ledger:
                 self.unstepped_drop[owner] = None
                 return [first, forgotten]
             return []  # maybe a GAN updating G first: D steps on a pass of its own next
-        full = self.accumulation_steps or self.last_window[owner]
-        if self.steps[owner] and full is not None and passes >= full:
-            return [occurrence]  # a whole window dropped: cleared between backward() and step()
         earlier = self.dropped[owner]
         if earlier is None or earlier[1] < passes:
             self.dropped[owner] = (occurrence, passes)
@@ -402,12 +399,20 @@ class Ledger:
         dropped, self.dropped[opt] = self.dropped[opt], None
         expected = full if full is not None else previous
         out: list[Occurrence] = []
+        skipped_before = self.skipped_window[opt]
+        self.skipped_window[opt] = False
         if dropped is not None:
-            occurrence = dropped[0]
+            occurrence, passes = dropped
             if window == 0 or (expected is not None and window != expected):
                 out.append(occurrence)  # the clear ran inside this window: the step consumed what was left
-            elif occurrence.step > 0:  # a full window followed: the loop dropped an epoch's partial last window
+            elif occurrence.step == 0:
+                pass  # a set-up pass before the first step (a sanity check)
+            elif expected is not None and passes < expected:  # the loop dropped an epoch's partial last window
                 return [_wasted(occurrence)]
+            elif skipped_before:
+                out.append(occurrence)  # whole windows dropped before two steps in a row: cleared inside them
+            else:
+                self.skipped_window[opt] = True  # a window skipped on purpose (a NaN or loss-spike guard)
         if full is None or unknown or not params or window == full:
             return out
         if window < full and previous is not None and previous >= full:
@@ -431,9 +436,10 @@ class Ledger:
     def finish(self, trainable: Sequence[bool]) -> list[Occurrence]:
         """End-of-run checks: contributions never consumed, and parameters that never got a gradient."""
         out: list[Occurrence] = []
-        for dropped in self.dropped:
-            if dropped is not None and dropped[0].step > 0:
-                out.append(_wasted(dropped[0]))
+        for opt, dropped in enumerate(self.dropped):
+            expected = self.accumulation_steps or self.last_window[opt]
+            if dropped is not None and dropped[0].step > 0 and expected is not None and dropped[1] < expected:
+                out.append(_wasted(dropped[0]))  # the last partial window dropped; a whole one was skipped
         self.dropped = [None] * len(self.dropped)
         left = [
             i

@@ -93,10 +93,16 @@ def test_discarded_empty_stale_and_mismatch():
     assert (mismatch.kind, mismatch.detail) == (k.ACCUMULATION_MISMATCH, {"window": 1, "expected": 2})
     assert kinds(_step(ledger)) == [k.STALE]
     ledger.clear([0, 1], "zero_grad")
-    ledger.backward([0, 1])
-    ledger.backward([0, 1])
-    (discarded,) = ledger.clear([0, 1], "zero_grad")  # a whole window dropped: at once
-    assert (discarded.kind, discarded.step, discarded.detail["fresh"]) == (k.DISCARDED, 3, 2)
+    for _ in range(2):  # a whole window skipped on purpose (a NaN guard), then a full one stepped: clean
+        ledger.backward([0, 1])
+        ledger.backward([0, 1])
+        assert ledger.clear([0, 1], "zero_grad") == []
+        ledger.backward([0, 1])
+        ledger.backward([0, 1])
+        if ledger.steps[0] == 3:
+            assert _step(ledger) == []
+    (discarded,) = _step(ledger)  # whole windows dropped before two steps in a row: cleared inside them
+    assert (discarded.kind, discarded.step, discarded.detail["fresh"]) == (k.DISCARDED, 4, 2)
 
 
 def test_short_windows_between_full_ones_are_an_epoch_tail():

@@ -23,7 +23,8 @@ class ReferenceRules:
         self.received = False
         self.steps = self.backwards = 0
         self.last_window = None  # passes the latest consuming step took
-        self.dropped = None  # (passes, step, backward, names) of a partial window cleared, judged at the next step
+        self.dropped = None  # (passes, step, backward, names) of contributions cleared, judged at the next step
+        self.skipped = False  # the latest step came after a whole window was dropped
         self.first = {}  # kind -> (step, backward)
         self.params = {}  # kind -> names
 
@@ -36,10 +37,7 @@ class ReferenceRules:
         lost = [n for n in names if self.fresh[n]]
         if lost:
             passes = max(self.fresh[n] for n in lost)
-            full = self.k or self.last_window
-            if self.steps and full is not None and passes >= full:  # a whole window dropped
-                self._found("discarded-gradient", lost)
-            elif self.dropped is None or self.dropped[0] < passes:  # part of one: the next step tells
+            if self.dropped is None or self.dropped[0] < passes:  # the next step tells what it was
                 self.dropped = (passes, self.steps, self.backwards, lost)
             elif self.dropped[0] == passes:
                 self.dropped = (*self.dropped[:3], [*self.dropped[3], *lost])
@@ -71,13 +69,20 @@ class ReferenceRules:
             if window:
                 self.last_window = window
             expected = self.k if self.k is not None else previous
+            skipped_before, self.skipped = self.skipped, False
             if self.dropped is not None:
-                _, step, backward, names = self.dropped
+                passes, step, backward, names = self.dropped
                 self.dropped = None
                 if window == 0 or (expected is not None and window != expected):  # cleared inside this window
                     self._found("discarded-gradient", names, step, backward)
-                elif step > 0:  # a full window followed: a partial one was dropped (wasted batches)
+                elif step == 0:
+                    pass  # a set-up pass
+                elif expected is not None and passes < expected:  # a full window followed: a partial one was dropped (wasted batches)
                     self._found("dangling-gradient", names, step, backward)
+                elif skipped_before:  # whole windows dropped before two steps in a row
+                    self._found("discarded-gradient", names, step, backward)
+                else:
+                    self.skipped = True  # one window skipped on purpose
             short_tail = previous is not None and previous >= (self.k or 0) and window < (self.k or 0)
             if self.k is not None and fresh and window != self.k and not short_tail:
                 self._found("accumulation-mismatch", fresh)
@@ -95,7 +100,8 @@ class ReferenceRules:
         # clip changes values in place: not a clear, nothing to book
 
     def finish(self):
-        if self.dropped is not None and self.dropped[1] > 0:
+        expected = self.k or self.last_window
+        if self.dropped is not None and self.dropped[1] > 0 and expected is not None and self.dropped[0] < expected:
             _, step, backward, names = self.dropped
             self._found("dangling-gradient", names, step, backward)
         fresh = [n for n in NAMES if self.fresh[n]]

@@ -116,18 +116,36 @@ def test_a_failing_callback_is_reported_once_and_training_goes_on():
     assert w.findings[0].count == 7
 
 
-def test_raise_mode_raises_from_zero_grad_for_a_discarded_gradient():
-    model, opt = reference_model()
-    w = watch(model, opt, on_finding="raise")
+def test_raise_mode_raises_from_zero_grad_for_a_forgotten_optimizer():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 4), torch.nn.Linear(4, 1))
+    body, head = (torch.optim.SGD(m.parameters(), lr=0.1) for m in model)
+    w = watch(model, [body, head], on_finding="raise")
     x, y = reference_data(1)[0]
-    mse(model, x, y).backward()
-    opt.step()
-    opt.zero_grad()
-    mse(model, x, y).backward()
+    for i in range(2):
+        mse(model, x, y).backward()
+        body.step()
+        if i == 0:
+            head.step()
+            model.zero_grad()
     with pytest.raises(GradientBugError) as info:
-        opt.zero_grad()  # a whole window (one pass, as the step before consumed) dropped between backward and step
+        model.zero_grad()  # head.step() forgotten on this window
     assert info.value.findings[0].kind == "discarded-gradient"
-    assert model.weight.grad is None  # the user's zero_grad itself ran
+    assert info.value.findings[0].params == ("1.weight", "1.bias")
+    assert model[1].weight.grad is None  # the user's zero_grad itself ran
+    w.detach()
+
+
+def test_raise_mode_raises_from_the_step_that_consumes_what_a_clear_left_of_its_window():
+    model, opt = reference_model()
+    w = watch(model, opt, accumulation_steps=2, on_finding="raise")
+    data = reference_data()
+    for x, y in data[:2]:
+        opt.zero_grad()  # inside the window
+        mse(model, x, y, 2).backward()
+    with pytest.raises(GradientBugError, match="discarded-gradient"):
+        opt.step()
+    opt.zero_grad()
     w.detach()
 
 
@@ -223,6 +241,7 @@ def _global_functions():
 
 
 def test_detach_removes_every_hook_wrapper_and_reference():
+    gc.collect()  # watches of earlier tests that were never detached go now
     model, opt = reference_model()
     originals = _global_functions()
     w = watch(model, opt)
@@ -360,14 +379,14 @@ def test_a_raise_from_step_leaves_the_watch_consistent(mode):
         mse(model, *data[0]).backward()
         opt.step()
         opt.zero_grad()
-        with pytest.raises(expected, match="discarded-gradient"):
+        with pytest.raises(expected, match="empty-step"):
             _set_none_then_step(model, opt, *data[1])
         opt.zero_grad()
         for x, y in data[2:5]:  # training goes on, and so does checking
             mse(model, x, y).backward()
             opt.step()
             opt.zero_grad()
-        assert w._tracker.ledger.steps == [4]  # the raising step never ran; the others are all booked
+        assert w._tracker.ledger.steps == [5]  # every step booked, the raising one included
         mse(model, *data[5]).backward()
         opt.step()  # then a missing zero_grad: found as usual
         with pytest.raises(expected, match="uncleared-gradient"):
@@ -375,7 +394,7 @@ def test_a_raise_from_step_leaves_the_watch_consistent(mode):
             opt.step()
         opt.zero_grad()
         w.detach()  # no false dangling-gradient from a step left open
-    assert sorted(f.kind for f in w.findings) == ["discarded-gradient", "uncleared-gradient"]
+    assert sorted(f.kind for f in w.findings) == ["discarded-gradient", "empty-step", "uncleared-gradient"]
 
 
 def test_a_raise_at_the_end_of_backward_comes_after_every_other_end_of_backward_callback():
