@@ -65,7 +65,9 @@ class Ledger:
         self.n_fresh = [0] * n_optimizers  # parameters of each optimizer holding fresh contributions
         self.window_nonfinite = [False] * n_optimizers  # the pending window holds NaN/Inf (a skipped step)
         self.last_window: list[int | None] = [None] * n_optimizers  # passes the latest step consumed (None: unknown)
-        self.dropped: list[tuple[Occurrence, int] | None] = [None] * n_optimizers  # cleared unconsumed: judged next step
+        self.dropped: list[tuple[Occurrence, int] | None] = [
+            None
+        ] * n_optimizers  # cleared unconsumed: judged next step
         self.skipped_window = [False] * n_optimizers  # the latest step came after a whole window was dropped
         self.independent = [False] * n_optimizers  # stepped on a pass no other optimizer consumed
         self.unstepped_drop: list[Occurrence | None] = [None] * n_optimizers  # by-products cleared before any step
@@ -174,18 +176,26 @@ class Ledger:
         return any(fresh[i] for i in indices)
 
     def clear(
-        self, indices: Iterable[int], source: str, perturbed: bool = False, count: bool = True
+        self,
+        indices: Iterable[int],
+        source: str,
+        perturbed: bool = False,
+        count: bool = True,
+        before_step: bool = False,
     ) -> list[Occurrence]:
         """The ``.grad`` of ``indices`` was emptied (set to None or zeroed) by ``source``. ``perturbed``: the loop
         moved their weights outside a step since the last step (SAM), so a dropped gradient was used on purpose.
-        ``count``: whether this is a new clear (not the rest of one already counted)."""
+        ``count``: whether this is a new clear (not the rest of one already counted). ``before_step``: found
+        during a step, but done before it began (not a closure's clear)."""
         dropped: dict[int, list[int]] = {}
         owners, fresh = self.owners, self.fresh
         for i in indices:
             owner = owners[i]
             if fresh[i] and owner != NO_OWNER:
-                if not perturbed and self._drop_needs_judging(i, owner):
+                if not perturbed and self._drop_needs_judging(i, owner, before_step):
                     dropped.setdefault(owner, []).append(i)
+                else:
+                    self._note_skipped_window(owner, self.fresh_last[i] - self.fresh_first[i] + 1)
                 self.n_fresh[owner] -= 1
                 if self.n_fresh[owner] == 0:
                     self.window_nonfinite[owner] = False
@@ -203,12 +213,44 @@ class Ledger:
             out += self._judge_drop(owner, params, source)
         return out
 
-    def _judge_drop(self, owner: int, params: list[int], source: str) -> list[Occurrence]:
-        """A clear dropped the fresh contributions ``params`` of optimizer ``owner``: a bug now, or judged later."""
-        passes = max(self.fresh_last[i] for i in params) - min(self.fresh_first[i] for i in params) + 1
+    def cleared_before(self, drops: Sequence[tuple[int, int, int]], source: str) -> list[Occurrence]:
+        """Each (parameter, passes, pass b): its ``.grad`` was zeroed before pass ``b``, which dropped its first
+        ``passes`` fresh contributions (found out after ``b`` accumulated onto the zeros)."""
+        dropped: dict[int, list[int]] = {}
+        last = {}
+        for i, passes, b in drops:
+            owner = self.owners[i]
+            if owner == NO_OWNER or self.fresh[i] <= passes or self.fresh_first[i] >= b:
+                continue  # consumed or cleared since, or nothing left of the window before b
+            if self._drop_needs_judging(i, owner, before_step=True):
+                dropped.setdefault(owner, []).append(i)
+                last[owner] = max(last.get(owner, -1), b - 1)
+            else:
+                self._note_skipped_window(owner, passes)
+            self.fresh[i] -= passes
+            self.fresh_first[i] = b
+            self.mixed_at[i] = None
+            if self.nonfinite_at[i] is not None and self.nonfinite_at[i][2] < b:  # type: ignore[index]
+                self.nonfinite_at[i] = None
+        self.clears += 1
+        out: list[Occurrence] = []
+        for owner, params in dropped.items():
+            passes = max(p for i, p, _ in drops if i in params)
+            out += self._judge_drop(owner, params, source, passes, last[owner])
+        return out
+
+    def _judge_drop(
+        self, owner: int, params: list[int], source: str, passes: int | None = None, last: int | None = None
+    ) -> list[Occurrence]:
+        """A clear dropped the fresh contributions ``params`` of optimizer ``owner`` (``passes`` of them, the last
+        from pass ``last``; default: all they held): a bug now, or judged at the next step."""
+        if passes is None:
+            passes = max(self.fresh_last[i] for i in params) - min(self.fresh_first[i] for i in params) + 1
+        if last is None:
+            last = max(self.fresh_last[i] for i in params)
         detail = {"source": source, "fresh": passes}
         occurrence = Occurrence(k.DISCARDED, tuple(sorted(params)), self.steps[owner], self.backwards, detail)
-        if all(self.fresh_last[i] <= self.newest_consumed_backward for i in params):
+        if last <= self.newest_consumed_backward:
             # another optimizer stepped on these passes, and this one never steps on passes of its own
             forgotten = replace(occurrence, detail={**detail, "how": "not-stepped", "opt": owner})
             if self.steps[owner]:
@@ -238,8 +280,13 @@ class Ledger:
             self.mixed_at[i] = None
         self.clears += 1
 
-    def _drop_needs_judging(self, i: int, owner: int) -> bool:
-        if self.in_step[owner]:  # a closure (LBFGS, Lightning) clears inside its own step
+    def _note_skipped_window(self, owner: int, passes: int) -> None:
+        """A window holding NaN/Inf was dropped instead of stepped on: for the window rule it was one."""
+        if self.window_nonfinite[owner]:
+            self.last_window[owner] = max(passes, self.last_window[owner] or 0)
+
+    def _drop_needs_judging(self, i: int, owner: int, before_step: bool = False) -> bool:
+        if self.in_step[owner] and not before_step:  # a closure (LBFGS, Lightning) clears inside its own step
             return False
         if self.window_nonfinite[owner]:  # a skipped NaN/Inf window (GradScaler, or the user's own check)
             return False
@@ -264,6 +311,8 @@ class Ledger:
         owner = self.owners[i]
         if owner == NO_OWNER or not (self.fresh[i] or self.consumed[i]):
             return
+        if self.fresh[i] and (last_backward if last_backward is not None else first_backward) < self.fresh_first[i]:
+            return  # from contributions dropped since (zeroed by hand)
         if self.nonfinite_at[i] is None:
             last = first_backward if last_backward is None else last_backward
             self.nonfinite_at[i] = (step, first_backward, last)
@@ -391,28 +440,30 @@ class Ledger:
                 del consumers[old]
 
     def _judge_window(self, opt: int, window: int, params: tuple[int, ...], unknown: bool) -> list[Occurrence]:
-        """The window a step consumed against ``accumulation_steps``, and a partial window dropped before it."""
+        """The window a step consumed against ``accumulation_steps``, and contributions dropped before it."""
         full = self.accumulation_steps
         previous = self.last_window[opt]
-        if window:
-            self.last_window[opt] = full if unknown else window
-        dropped, self.dropped[opt] = self.dropped[opt], None
         expected = full if full is not None else previous
+        dropped, self.dropped[opt] = self.dropped[opt], None
+        skipped_before, self.skipped_window[opt] = self.skipped_window[opt], False
         out: list[Occurrence] = []
-        skipped_before = self.skipped_window[opt]
-        self.skipped_window[opt] = False
         if dropped is not None:
             occurrence, passes = dropped
-            if window == 0 or (expected is not None and window != expected):
-                out.append(occurrence)  # the clear ran inside this window: the step consumed what was left
-            elif occurrence.step == 0:
-                pass  # a set-up pass before the first step (a sanity check)
-            elif expected is not None and passes < expected:  # the loop dropped an epoch's partial last window
-                return [_wasted(occurrence)]
-            elif skipped_before:
+            whole = expected is None or passes >= expected
+            if window == 0:
+                out.append(occurrence)  # cleared between backward() and step()
+            elif not whole and window != expected:
+                out.append(occurrence)  # cleared inside this window: the step consumed what was left of it
+            elif not whole and occurrence.step > 0:  # a full window followed: an epoch's partial last one dropped
+                out.append(_wasted(occurrence))
+            elif whole and occurrence.step > 0 and skipped_before:
                 out.append(occurrence)  # whole windows dropped before two steps in a row: cleared inside them
-            else:
+            elif whole and occurrence.step > 0:
                 self.skipped_window[opt] = True  # a window skipped on purpose (a NaN or loss-spike guard)
+            if whole:
+                previous = passes  # the window before this one was the dropped one
+        if window:
+            self.last_window[opt] = full if unknown else window
         if full is None or unknown or not params or window == full:
             return out
         if window < full and previous is not None and previous >= full:

@@ -81,6 +81,18 @@ def nonfinite_positions(tensors: Sequence[torch.Tensor]) -> list[int]:
     return bad
 
 
+def nonfinite_and_zero(tensors: Sequence[torch.Tensor], candidates: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Positions of the tensors holding NaN/Inf, and of the ``candidates`` that are all zeros: one batched pass
+    and one read (of every norm when there are candidates, of their sum otherwise)."""
+    if not candidates:
+        return nonfinite_positions(tensors), []
+    values: dict[int, float] = {}
+    for positions, norms in _foreach_norms(tensors):
+        values.update(zip(positions, _values(norms), strict=True))
+    bad = sorted(p for p, v in values.items() if not math.isfinite(v))
+    return bad, [p for p in candidates if values.get(p) == 0.0]
+
+
 def _foreach_norms(tensors: Sequence[torch.Tensor]) -> list[tuple[list[int], list[torch.Tensor]]]:
     """(positions, unstacked 0-d norms) per device/dtype group."""
     with torch.no_grad():

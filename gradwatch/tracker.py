@@ -18,10 +18,11 @@ import torch
 
 from .ledger import NO_OWNER, Ledger, Occurrence
 from .sinks import Sinks, StepRecord
-from .stats import FiniteChecks, HostBatch, nonfinite_positions, read_flags, zero_flags
+from .stats import FiniteChecks, HostBatch, nonfinite_and_zero, nonfinite_positions, read_flags, zero_flags
 
 Emit = Callable[[list[Occurrence]], None]
 SET_TO_NONE = ".grad set to None (or replaced)"
+ZEROED_BY_HAND = ".grad zeroed in place by hand (p.grad.zero_())"
 
 
 class Tracker:
@@ -70,15 +71,25 @@ class Tracker:
         self._rebinds = ddp is not None
         self._weight_versions = [p._version for p in params]  # at the latest step: weights moved outside a step?
         self._continuing_pass = False  # a step inside the running backward pass booked part of it already
+        self._probes: dict[int, int] = {}  # per optimizer, a parameter of the latest pass: changed in place since?
+        # fresh gradients found changed in place when a pass began: (device evidence, passes before, that pass)
+        self._zeroed_fresh: dict[int, tuple[list[tuple[torch.Tensor, int | None]], int, int]] = {}
         self._clear_counted = False  # the running pass noticed a clear by hand already
         self.pending_stop: str | None = None  # a reason to stop, found where no warning may be issued (GC)
         self.stopped = False
 
     # -- Receiver ----------------------------------------------------------------------------------
     def on_backward_start(self, index: int, param: torch.Tensor) -> None:
-        """Before the other parameters accumulate: look at the consumed gradients still in place."""
+        """Before the other parameters accumulate: look at the consumed gradients still in place, and at the
+        fresh ones if the probe says something changed them in place since the last pass."""
         ledger = self.ledger
-        if self.stopped or not ledger.uncleared:
+        if self.stopped:
+            return
+        for probe in self._probes.values():
+            if probe != index and ledger.fresh[probe] and self._changed_in_place(probe):
+                self._look_at_changed_fresh(index, param)
+                break
+        if not ledger.uncleared:
             return
         suspects = [i for i, c in enumerate(ledger.consumed) if c and not ledger.fresh[i]]
         cleared, live, grads = [], [], []
@@ -121,6 +132,59 @@ class Tracker:
         if not self.stopped:
             self._emit(self._book_pass(grads, incoming, continuing))
         self._clear_counted = False
+
+    def _changed_in_place(self, i: int) -> bool:
+        """Whether parameter ``i``'s ``.grad`` is the tensor we last saw, changed in place since then."""
+        p = self._params[i]()
+        grad = None if p is None else p.grad
+        ref = self._grad_refs[i]
+        return grad is not None and ref is not None and ref() is grad and grad._version != self._grad_versions[i]
+
+    def _look_at_changed_fresh(self, index: int, param: torch.Tensor) -> None:
+        """Fresh gradients changed in place between two passes of a window: zeroed by hand (a window dropped, or
+        a clear inside it)? Computed on the device now, read at the next step or clear."""
+        if self._rebinds:
+            return
+        ledger = self.ledger
+        changed = [i for i, f in enumerate(ledger.fresh) if f and i != index and self._changed_in_place(i)]
+        grads = [self._params[i]().grad for i in changed]  # type: ignore[union-attr]
+        b = ledger.backwards
+        groups = zero_flags(grads) if grads else []
+        for positions, zeros in groups:
+            for pos, at in enumerate(positions):
+                self._zeroed_fresh[changed[at]] = ([(zeros, pos)], ledger.fresh[changed[at]], b)
+        grad = param.grad
+        if groups and ledger.fresh[index] and grad is not None and grad._version - self._grad_versions[index] > 1:
+            self._zeroed_fresh[index] = ([(zeros, None) for _, zeros in groups], ledger.fresh[index], b)
+
+    def _resolve_zeroed_fresh(self) -> list[Occurrence]:
+        """Read the evidence of ``_look_at_changed_fresh``: the contributions before that pass were dropped."""
+        pending, self._zeroed_fresh = self._zeroed_fresh, {}
+        if not pending:
+            return []
+        items = list(pending.items())
+        values = iter(read_flags([flag for _, (flags, _, _) in items for flag in flags]))
+        zeroed = [(i, before, b) for i, (flags, before, b) in items if all([next(values) for _ in flags])]
+        return self.ledger.cleared_before(zeroed, ZEROED_BY_HAND) if zeroed else []
+
+    def _hand_zeroed(self, params: list[tuple[int, torch.Tensor]], zero: list[int] | None = None) -> list[int]:
+        """The gradients of ``params`` zeroed in place by hand since we last saw them: each changed in place
+        is all zeros (``zero``: positions already known to be, else read now). Clipping also changes them in
+        place, so all of them must be zero."""
+        if self._rebinds:
+            return []
+        changed = [pos for pos, (i, _) in enumerate(params) if self._changed_in_place(i)]
+        if not changed:
+            return []
+        if zero is None:
+            flags: list[tuple[torch.Tensor, int | None] | None] = [None] * len(changed)
+            for positions, zeros in zero_flags([params[pos][1].grad for pos in changed]):  # type: ignore[misc]
+                for at, k in enumerate(positions):
+                    flags[k] = (zeros, at)
+            if any(flag is None for flag in flags):  # a sparse gradient: no zero check, no verdict
+                return []
+            zero = [changed[k] for k, z in enumerate(read_flags(flags)) if z]  # type: ignore[arg-type]
+        return [params[pos][0] for pos in changed] if set(changed) <= set(zero) else []
 
     def on_step_in_backward(
         self, grads: dict[int, torch.Tensor | None], opt_index: int, optimizer: torch.optim.Optimizer
@@ -165,6 +229,13 @@ class Tracker:
             return out
         backward = ledger.backwards - 1 if continuing else ledger.backwards
         out += ledger.backward(contributed, same_pass=continuing)
+        owners, probes, n_optimizers = ledger.owners, {}, len(ledger.steps)
+        for i in reversed(contributed):  # reached last: most likely not the first one next time
+            if owners[i] != NO_OWNER and owners[i] not in probes:
+                probes[owners[i]] = i
+                if len(probes) == n_optimizers:
+                    break
+        self._probes.update(probes)
         synced = None
         if self._ddp is not None and contributed:
             synced = bool(getattr(self._ddp(), "require_forward_param_sync", False))  # set by DDP at the forward
@@ -217,12 +288,25 @@ class Tracker:
             ledger.clear_consumed([i for i, z in zip(mixed, zeroed, strict=True) if z])
         for i in mixed:
             del self._zeroed[i]
-        consumed = self._after_update(params)
+        out = self._resolve_zeroed_fresh()
+        consumed = [(i, p) for i, p in params if ledger.fresh[i]]
         if self._sinks is None:
-            self._check_finite(consumed)
-            self._emit(ledger.step_end(opt_index, indices))
+            zero = None
+            if not self._check_every_backward:
+                present = [(i, p) for i, p in consumed if p.grad is not None]
+                changed = [pos for pos, (i, _) in enumerate(present) if self._changed_in_place(i)]
+                bad, zero = nonfinite_and_zero([p.grad for _, p in present], changed)  # type: ignore[misc]
+                self._mark_nonfinite([present[pos][0] for pos in bad])
+                consumed = present
+            else:
+                self._check_finite(consumed)
+            zeroed = self._hand_zeroed(consumed, zero)
+            if zeroed:
+                out += self._clear(zeroed, ZEROED_BY_HAND, before_step=True)
+            self._after_update(params)
+            self._emit(out + ledger.step_end(opt_index, indices))
             return
-        self._emit(self._step_with_sinks(self._sinks, opt_index, params, consumed))
+        self._emit(out + self._step_with_sinks(self._sinks, opt_index, params, consumed))
 
     def _step_with_sinks(
         self,
@@ -246,8 +330,12 @@ class Tracker:
         self._send_contributions(contributions)
         norms = grad_norms() if grad_norms is not None else None
         self._check_finite(consumed, norms)
+        zero = [pos for pos, n in enumerate(norms) if n == 0.0] if norms is not None else None
+        zeroed = self._hand_zeroed(consumed, zero)
+        cleared = self._clear(zeroed, ZEROED_BY_HAND, before_step=True) if zeroed else []
+        self._after_update(params)
         step, window = ledger.steps[opt_index], max((ledger.fresh[i] for i, _ in consumed), default=0)
-        out = ledger.step_end(opt_index, [i for i, _ in params])
+        out = cleared + ledger.step_end(opt_index, [i for i, _ in params])
         record = StepRecord(
             opt_index, step, ledger.backwards, window, tuple(i for i, _ in consumed), tuple(norms or ())
         )
@@ -419,8 +507,12 @@ class Tracker:
             return
         params = [ref() for ref in self._params]
         alive = [(i, p) for i, p in enumerate(params) if p is not None]
-        self._check_finite([(i, p) for i, p in alive if self.ledger.fresh[i]])
-        out = self._notice_replaced(alive, supply=False)
+        out = self._resolve_zeroed_fresh()
+        fresh = [(i, p) for i, p in alive if self.ledger.fresh[i] and p.grad is not None]
+        self._check_finite(fresh)
+        zeroed = self._hand_zeroed(fresh)
+        out += self._clear(zeroed, ZEROED_BY_HAND, before_step=True) if zeroed else []
+        out += self._notice_replaced(alive, supply=False)
         trainable = [p is not None and p.requires_grad for p in params]
         self._emit(out + self.ledger.finish(trainable))
 
@@ -433,7 +525,10 @@ class Tracker:
     # -- helpers -----------------------------------------------------------------------------------
     def _before_clear(self, params: list[tuple[int, torch.Tensor]]) -> None:
         """A clear may drop unconsumed gradients: a window holding NaN/Inf may be dropped on purpose."""
-        if not self.stopped and self.ledger.has_unconsumed(i for i, _ in params):
+        if self.stopped:
+            return
+        self._emit(self._resolve_zeroed_fresh())
+        if self.ledger.has_unconsumed(i for i, _ in params):
             self._check_finite([(i, p) for i, p in params if self.ledger.fresh[i]])
 
     def _know_scaler(self, scaler: Any) -> None:
@@ -447,29 +542,30 @@ class Tracker:
             self._zeroed.pop(i, None)
         self._emit(self._clear(indices, source))
 
-    def _clear(self, indices: list[int], source: str, count: bool = True) -> list[Occurrence]:
+    def _clear(
+        self, indices: list[int], source: str, count: bool = True, before_step: bool = False
+    ) -> list[Occurrence]:
         ledger = self.ledger
-        perturbed = ledger.has_unconsumed(indices) and self._weights_moved([i for i in indices if ledger.fresh[i]])
-        out = ledger.clear(indices, source, perturbed=perturbed, count=count)
+        perturbed = (  # (found at a step, the weights moved by that step: not the loop's doing)
+            not before_step
+            and ledger.has_unconsumed(indices)
+            and self._weights_moved([i for i in indices if ledger.fresh[i]])
+        )
+        out = ledger.clear(indices, source, perturbed=perturbed, count=count, before_step=before_step)
         if self._sinks is not None:
             discarded = sum(len(o.params) for o in out)
             self._sinks.call("cleared", self.ledger.backwards, source, len(indices), discarded)
         return out
 
-    def _after_update(self, params: list[tuple[int, torch.Tensor]]) -> list[tuple[int, torch.Tensor]]:
+    def _after_update(self, params: list[tuple[int, torch.Tensor]]) -> None:
         """Note the versions after a step, of the weights it updated (did the loop move them later?) and of their
-        gradients (was a consumed gradient changed in place before the next accumulation?); returns the
-        parameters whose fresh gradients the step consumes."""
-        versions, grad_versions, fresh = self._weight_versions, self._grad_versions, self.ledger.fresh
-        consumed = []
+        gradients (was a consumed gradient changed in place before the next accumulation, or step?)."""
+        versions, grad_versions = self._weight_versions, self._grad_versions
         for i, p in params:
             grad = p.grad
             if grad is not None:
                 versions[i] = p._version
                 grad_versions[i] = grad._version
-            if fresh[i]:
-                consumed.append((i, p))
-        return consumed
 
     def _weights_moved(self, indices: list[int]) -> bool:
         """Whether the loop changed any of these weights in place since their optimizer's latest step (SAM's
@@ -540,17 +636,22 @@ class Tracker:
         (``torch.autograd.grad``) when it held no fresh contribution; at the end of the run, a clear."""
         ledger = self.ledger
         cleared, supplied = [], []
+        zeroed_consumed = []
         for i, p in params:
             grad = p.grad
             if grad is None:
                 if ledger.fresh[i] or ledger.consumed[i]:
                     cleared.append(i)
+            elif ledger.consumed[i] and not ledger.fresh[i] and self._changed_in_place(i) and not self._rebinds:
+                zeroed_consumed.append((i, p))  # changed in place since its step, with no backward since
             elif not self._same_grad(i, grad):
                 self._grad_refs[i] = weakref.ref(grad)
                 self._grad_versions[i] = grad._version
                 if not ledger.fresh[i]:
                     (supplied if supply else cleared).append(i)
         out = self._clear(cleared, SET_TO_NONE) if cleared else []
+        if zeroed_consumed:  # a rare path (the step consumes nothing fresh): read whether they were zeroed
+            ledger.clear_consumed(self._hand_zeroed(zeroed_consumed))
         if supplied:
             ledger.supplied(supplied)
         return out

@@ -66,23 +66,24 @@ class ReferenceRules:
                 self._found("uncleared-gradient", mixed, *min(self.mixed[n] for n in mixed))
             window = max((self.fresh[n] for n in fresh), default=0)
             previous = self.last_window
-            if window:
-                self.last_window = window
             expected = self.k if self.k is not None else previous
             skipped_before, self.skipped = self.skipped, False
             if self.dropped is not None:
                 passes, step, backward, names = self.dropped
                 self.dropped = None
-                if window == 0 or (expected is not None and window != expected):  # cleared inside this window
+                whole = expected is None or passes >= expected
+                if window == 0 or (not whole and window != expected):  # between backward and step, or inside
                     self._found("discarded-gradient", names, step, backward)
-                elif step == 0:
-                    pass  # a set-up pass
-                elif expected is not None and passes < expected:  # a full window followed: a partial one was dropped (wasted batches)
+                elif not whole and step > 0:  # a full window followed: a partial one was dropped (wasted)
                     self._found("dangling-gradient", names, step, backward)
-                elif skipped_before:  # whole windows dropped before two steps in a row
+                elif whole and step > 0 and skipped_before:  # whole windows dropped before two steps in a row
                     self._found("discarded-gradient", names, step, backward)
-                else:
+                elif whole and step > 0:
                     self.skipped = True  # one window skipped on purpose
+                if whole:
+                    previous = passes
+            if window:
+                self.last_window = window
             short_tail = previous is not None and previous >= (self.k or 0) and window < (self.k or 0)
             if self.k is not None and fresh and window != self.k and not short_tail:
                 self._found("accumulation-mismatch", fresh)

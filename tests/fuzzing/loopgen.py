@@ -63,16 +63,22 @@ class LoopSpec:
         """The fields that differ from the plainest loop (what a report groups by)."""
         plain = LoopSpec()
         skip = ("mutation", "seed")
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip and getattr(self, f.name) != getattr(plain, f.name)}
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in skip and getattr(self, f.name) != getattr(plain, f.name)
+        }
 
 
 def draw(rng: random.Random, mutate: bool = False) -> LoopSpec:
     """A random legitimate loop; with ``mutate``, one bug planted in it (a mutation that fits the loop)."""
     scaler = rng.random() < 0.3
-    nan_choices = [None, None, None, "check-zero_grad", "check-by-hand", "check-zero_"] + (["scaler-skip"] if scaler else [])
+    nan_choices = [None, None, None, "check-zero_grad", "check-by-hand", "check-zero_"] + (
+        ["scaler-skip"] if scaler else []
+    )
     spec = LoopSpec(
-        acc=rng.randint(1, 4),
-        epoch_len=rng.randint(1, 9),
+        acc=(acc := rng.randint(1, 4)),
+        epoch_len=rng.randint(acc, 9),  # an epoch shorter than one window never steps a full one: a README limit
         epochs=rng.randint(1, 3),
         declare=rng.random() < 0.7,
         clear_at=rng.choice(["after-step", "window-start"]),
@@ -97,12 +103,8 @@ def draw(rng: random.Random, mutate: bool = False) -> LoopSpec:
     if not mutate:
         return spec
     fitting = [m for m in MUTATIONS if applicable(spec, m)]
-    mutation = rng.choice(fitting)
-    if mutation in ("nan-kept", "no-clear", "double-step", "window-no-backward", "head-every-other"):
-        spec = replace(spec, nan=None)  # one bug at a time: no NaN handling around it
-    if mutation == "tail-never-stepped":
-        spec = replace(spec, nan=None)
-    return replace(spec, mutation=mutation)
+    # one bug at a time: no NaN batch around it (a NaN window skipped may hide the one window it shows in)
+    return replace(spec, mutation=rng.choice(fitting), nan=None)
 
 
 def total_steps(spec: LoopSpec) -> int:
@@ -190,7 +192,10 @@ def render(spec: LoopSpec) -> str:
         lines.append("        self.mid2.weight = self.mid.weight  # tied weights")
     if s.frozen:
         lines += ["        self.frozen = torch.nn.Linear(8, 8)", "        self.frozen.requires_grad_(False)"]
-    lines += [f"        self.drop = torch.nn.Dropout({0.2 if s.dropout else 0.0})", "        self.out = torch.nn.Linear(8, 1)"]
+    lines += [
+        f"        self.drop = torch.nn.Dropout({0.2 if s.dropout else 0.0})",
+        "        self.out = torch.nn.Linear(8, 1)",
+    ]
     lines += ["", "    def block(self, h):", "        return torch.tanh(self.mid2(torch.tanh(self.mid(h))))", ""]
     lines += ["    def forward(self, x):", "        h = torch.tanh(self.inp(x))"]
     if s.checkpoint:
@@ -206,7 +211,9 @@ def render(spec: LoopSpec) -> str:
     kwargs = {"sgd": "lr=0.01", "sgd-momentum": "lr=0.01, momentum=0.9", "adam": "lr=1e-3", "adamw": "lr=1e-3"}[s.optim]
     kwargs += f", foreach={s.foreach}"
     lines += ["def groups(params):", "    params = list(params)"]
-    lines.append("    return [{'params': params[0::2]}, {'params': params[1::2]}] if len(params) > 1 and GROUPS == 2 else params")
+    lines.append(
+        "    return [{'params': params[0::2]}, {'params': params[1::2]}] if len(params) > 1 and GROUPS == 2 else params"
+    )
     lines += ["", "", "def build():", f"    torch.manual_seed({s.seed})", "    model = Net()"]
     body = "[model.inp, model.mid, model.mid2" + (", model.frozen" if s.frozen == "in-opt" else "") + "]"
     if s.two_opts:
@@ -219,14 +226,15 @@ def render(spec: LoopSpec) -> str:
         lines.append(f"    params = [p for layer in {layers} for p in layer.parameters()]")
         lines.append(f"    opts = [torch.optim.{opt_cls}(groups(dict.fromkeys(params)), {kwargs})]")
     lines.append(
-        "    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in opts]" if s.scheduler else "    scheds = []"
+        "    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in opts]"
+        if s.scheduler
+        else "    scheds = []"
     )
     lines.append("    scaler = torch.amp.GradScaler('cpu', init_scale=1024.0)" if s.scaler else "    scaler = None")
     lines.append(f"    g = torch.Generator().manual_seed({s.seed + 1})")
-    lines.append("    data = [(torch.randn(4, 6, generator=g), torch.randn(4, 1, generator=g)) for _ in range(EPOCH_LEN)]")
-    nan_at = min(s.acc, s.epoch_len) - 1  # the last batch of the first window
-    if s.nan or m == "nan-kept":
-        lines.append(f"    data[{nan_at}] = (torch.full((4, 6), float('nan')), data[{nan_at}][1])")
+    lines.append(
+        "    data = [(torch.randn(4, 6, generator=g), torch.randn(4, 1, generator=g)) for _ in range(EPOCH_LEN)]"
+    )
     lines += ["    return model, opts, scheds, scaler, data", "", ""]
 
     clear = {
@@ -236,7 +244,8 @@ def render(spec: LoopSpec) -> str:
         "model-keep": "model.zero_grad(set_to_none=False)",
         "p-none": "for p in model.parameters():\n    p.grad = None",
         "p-zero": "for p in model.parameters():\n    if p.grad is not None:\n        p.grad.zero_()",
-        "foreach-zero": "torch._foreach_zero_([p.grad for p in model.parameters() if p.grad is not None])",
+        "foreach-zero": "grads = [p.grad for p in model.parameters() if p.grad is not None]\nif grads:\n"
+        "    torch._foreach_zero_(grads)",
     }[s.clear_how]
     lines += ["def clear(model, opts):", textwrap.indent(clear, "    "), "", ""]
     drop = {
@@ -268,7 +277,12 @@ def render(spec: LoopSpec) -> str:
     step_lines += ["for sched in scheds:", "    sched.step()"] if s.scheduler else []
     if s.nan and s.nan.startswith("check"):
         finite = "all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)"
-        step_lines = [f"if {finite}:", textwrap.indent("\n".join(step_lines), "    "), "else:", textwrap.indent(drop[s.nan], "    ")]
+        step_lines = [
+            f"if {finite}:",
+            textwrap.indent("\n".join(step_lines), "    "),
+            "else:",
+            textwrap.indent(drop[s.nan], "    "),
+        ]
     if s.clear_at == "after-step" and m != "no-clear":
         step_lines.append("clear(model, opts)")
     if m == "window-no-backward":
@@ -277,7 +291,13 @@ def render(spec: LoopSpec) -> str:
 
     forward = "    loss = torch.nn.functional.mse_loss(model(x), y) / ACC"
     if s.autocast:
-        forward = "    with torch.autocast('cpu', dtype=torch.bfloat16):\n        out = model(x)\n    loss = torch.nn.functional.mse_loss(out.float(), y) / ACC"
+        forward = "\n".join(
+            [
+                "    with torch.autocast('cpu', dtype=torch.bfloat16):",
+                "        out = model(x)",
+                "    loss = torch.nn.functional.mse_loss(out.float(), y) / ACC",
+            ]
+        )
     backward = "    scaler.scale(loss).backward()" if s.scaler else "    loss.backward()"
     last = "(i + 1) % ACC == 0" if m == "tail-never-stepped" else "(i + 1) % ACC == 0 or i + 1 == len(data)"
     lines += ["def train(model, opts, scheds, scaler, data):", "    k = 0", "    for epoch in range(EPOCHS):"]
@@ -286,6 +306,9 @@ def render(spec: LoopSpec) -> str:
         loop.append("    if i % ACC == 0:\n        clear(model, opts)")
     elif s.clear_at == "after-step" and m != "no-clear":
         loop.insert(0, "if epoch == 0:\n    clear(model, opts)")
+    if s.nan or m == "nan-kept":  # one NaN batch: the last of the first window
+        nan_at = min(s.acc, s.epoch_len) - 1
+        loop.append(f"    if epoch == 0 and i == {nan_at}:\n        x = torch.full_like(x, float('nan'))")
     loop += [forward, backward]
     if m == "clear-in-window":
         loop.append("    if i % ACC == 0 and i + 1 < len(data):\n        clear(model, opts)  # inside the window")
