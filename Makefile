@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench fuzz clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +22,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/overhead.py --json benchmarks/results.json
+
+LOOPS ?= 1000
+SEEDS ?= 0 1 2 3 4
+fuzz: $(STAMP)
+	$(PY) tests/fuzzing/fuzz.py --loops $(LOOPS) --seed $(SEEDS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check gradwatch tests examples benchmarks

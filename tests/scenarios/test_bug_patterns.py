@@ -380,3 +380,37 @@ def test_the_watched_optimizer_replaced_mid_run_is_said_plainly():
     assert w.findings == []  # no discarded-gradient with advice to move zero_grad
     assert len([c for c in caught if "garbage-collected" in str(c.message)]) == 1
     assert "stopped checking: the watched optimizer[0] was garbage-collected" in w.report()
+
+
+@pytest.mark.parametrize("by_hand", ["zero_", "foreach_zero_"])
+def test_a_clear_by_hand_inside_the_window_is_seen(by_hand):
+    model, opt = reference_model()
+    with watch(model, opt, accumulation_steps=ACC) as w:
+        for i, (x, y) in enumerate(reference_data()):
+            mse(model, x, y, ACC).backward()
+            if i % ACC == 0:  # after the window's first micro-batch
+                if by_hand == "zero_":
+                    for p in model.parameters():
+                        p.grad.zero_()
+                else:
+                    torch._foreach_zero_([p.grad for p in model.parameters()])
+            if (i + 1) % ACC == 0:
+                opt.step()
+                opt.zero_grad()
+    f = the(w, "discarded-gradient")
+    assert (f.params, f.step, f.count) == (("weight", "bias"), 0, 4)
+    assert "zeroed in place by hand" in f.message
+
+
+def test_a_step_without_backward_after_a_clear_by_hand_is_an_empty_step():
+    model, opt = reference_model()
+    x, y = reference_data(1)[0]
+    with watch(model, opt) as w:
+        mse(model, x, y).backward()
+        opt.step()
+        for p in model.parameters():
+            p.grad.zero_()
+        opt.step()  # nothing fresh: the window had no backward
+    f = the(w, "empty-step")
+    assert kinds(w) == {"empty-step"}
+    assert (f.params, f.step) == (("weight", "bias"), 1)

@@ -426,3 +426,39 @@ def test_accumulation_steps_accepts_any_integral_number():
     for steps in (np.int64(ACC), torch.tensor(ACC).item()):
         w = _clean_and_unchanged(_sgd(), loop, accumulation_steps=steps)
         assert w._accumulation_steps() == ACC
+
+
+# -- a NaN window dropped by hand (issue 15) ----------------------------------------------------------
+def _zero_by_hand(model):
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.zero_()
+
+
+def _none_by_hand(model):
+    for p in model.parameters():
+        p.grad = None
+
+
+@pytest.mark.parametrize("finite_check", ["step", "backward"])
+@pytest.mark.parametrize("drop", [_zero_by_hand, _none_by_hand], ids=["zero_", "None"])
+@pytest.mark.parametrize("scaler", [False, True], ids=["own-check", "grad-scaler"])
+def test_a_nan_window_skipped_then_dropped_by_hand(drop, finite_check, scaler):
+    data = reference_data(7)
+    data[1] = (torch.full_like(data[1][0], float("nan")), data[1][1])
+
+    def loop(model, opts):
+        (opt,) = opts
+        grad_scaler = torch.amp.GradScaler("cpu") if scaler else None
+        for i, (x, y) in enumerate(data):
+            loss = mse(model, x, y, ACC)
+            (grad_scaler.scale(loss) if scaler else loss).backward()
+            if (i + 1) % ACC == 0 or i + 1 == len(data):
+                if scaler:
+                    grad_scaler.step(opt)  # skips the NaN window itself
+                    grad_scaler.update()
+                elif all(torch.isfinite(p.grad).all() for p in model.parameters()):
+                    opt.step()
+                drop(model)
+
+    assert bugs(_clean_and_unchanged(_sgd(), loop, accumulation_steps=ACC, finite_check=finite_check)) == []
