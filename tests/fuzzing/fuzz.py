@@ -12,12 +12,11 @@ import random
 import sys
 import time
 import warnings
-from collections import Counter
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from loopgen import LoopSpec, draw, render, run, shrink  # noqa: E402
+from loopgen import LoopSpec, draw, render, run, shrink
 
 
 def _rate(bad: int, total: int) -> str:
