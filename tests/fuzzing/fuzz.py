@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  false alarms: {_rate(alarms, total)}; weight differences: {weight_differences}")
     print("  false-alarm rate by idiom:")
     for (name, value), (n, bad) in sorted(by_idiom.items(), key=lambda kv: (-kv[1][1], str(kv[0]))):
-        print(f"    {name}={value!s:<16} {_rate(bad, n)}")
+        print(f"    {f'{name}={value}':<28} {_rate(bad, n)}")
     print("  catch rate by mutation (the right kind, naming the affected parameters):")
     for name, (n, caught) in sorted(by_mutation.items()):
         print(f"    {name:<22} {_rate(caught, n)}")
