@@ -140,6 +140,17 @@ class Tracker:
         ref = self._grad_refs[i]
         return grad is not None and ref is not None and ref() is grad and grad._version != self._grad_versions[i]
 
+    def _changed_positions(self, params: list[tuple[int, torch.Tensor]]) -> list[int]:
+        """Positions in ``params`` whose ``.grad`` changed in place since we last saw it (once per step: inlined)."""
+        if self._rebinds:
+            return []
+        refs, versions, changed = self._grad_refs, self._grad_versions, []
+        for pos, (i, p) in enumerate(params):
+            grad, ref = p.grad, refs[i]
+            if grad is not None and ref is not None and ref() is grad and grad._version != versions[i]:
+                changed.append(pos)
+        return changed
+
     def _look_at_changed_fresh(self, index: int, param: torch.Tensor) -> None:
         """Fresh gradients changed in place between two passes of a window: zeroed by hand (a window dropped, or
         a clear inside it)? Computed on the device now, read at the next step or clear."""
@@ -167,13 +178,12 @@ class Tracker:
         zeroed = [(i, before, b) for i, (flags, before, b) in items if all([next(values) for _ in flags])]
         return self.ledger.cleared_before(zeroed, ZEROED_BY_HAND) if zeroed else []
 
-    def _hand_zeroed(self, params: list[tuple[int, torch.Tensor]], zero: list[int] | None = None) -> list[int]:
-        """The gradients of ``params`` zeroed in place by hand since we last saw them: each changed in place
-        is all zeros (``zero``: positions already known to be, else read now). Clipping also changes them in
-        place, so all of them must be zero."""
-        if self._rebinds:
-            return []
-        changed = [pos for pos, (i, _) in enumerate(params) if self._changed_in_place(i)]
+    def _hand_zeroed(
+        self, params: list[tuple[int, torch.Tensor]], changed: list[int], zero: list[int] | None = None
+    ) -> list[int]:
+        """The gradients of ``params`` zeroed in place by hand since we last saw them: each of those that changed
+        in place (the positions ``changed``) is all zeros (``zero``: positions known to be, else read now).
+        Clipping also changes them in place, so all of them must be zero."""
         if not changed:
             return []
         if zero is None:
@@ -288,25 +298,22 @@ class Tracker:
             ledger.clear_consumed([i for i, z in zip(mixed, zeroed, strict=True) if z])
         for i in mixed:
             del self._zeroed[i]
-        out = self._resolve_zeroed_fresh()
-        consumed = [(i, p) for i, p in params if ledger.fresh[i]]
+        out = self._resolve_zeroed_fresh() if self._zeroed_fresh else []
+        consumed, changed = self._scan_after_step(params)
         if self._sinks is None:
             zero = None
             if not self._check_every_backward:
-                present = [(i, p) for i, p in consumed if p.grad is not None]
-                changed = [pos for pos, (i, _) in enumerate(present) if self._changed_in_place(i)]
-                bad, zero = nonfinite_and_zero([p.grad for _, p in present], changed)  # type: ignore[misc]
-                self._mark_nonfinite([present[pos][0] for pos in bad])
-                consumed = present
+                bad, zero = nonfinite_and_zero([p.grad for _, p in consumed], changed)  # type: ignore[misc]
+                if bad:
+                    self._mark_nonfinite([consumed[pos][0] for pos in bad])
             else:
                 self._check_finite(consumed)
-            zeroed = self._hand_zeroed(consumed, zero)
+            zeroed = self._hand_zeroed(consumed, changed, zero) if changed else []
             if zeroed:
                 out += self._clear(zeroed, ZEROED_BY_HAND, before_step=True)
-            self._after_update(params)
             self._emit(out + ledger.step_end(opt_index, indices))
             return
-        self._emit(out + self._step_with_sinks(self._sinks, opt_index, params, consumed))
+        self._emit(out + self._step_with_sinks(self._sinks, opt_index, params, consumed, changed))
 
     def _step_with_sinks(
         self,
@@ -314,6 +321,7 @@ class Tracker:
         opt_index: int,
         params: list[tuple[int, torch.Tensor]],
         consumed: list[tuple[int, torch.Tensor]],
+        changed: list[int],
     ) -> list[Occurrence]:
         """Book the step and hand its statistics to the sinks; all of them reach the host in one transfer."""
         ledger = self.ledger
@@ -331,9 +339,8 @@ class Tracker:
         norms = grad_norms() if grad_norms is not None else None
         self._check_finite(consumed, norms)
         zero = [pos for pos, n in enumerate(norms) if n == 0.0] if norms is not None else None
-        zeroed = self._hand_zeroed(consumed, zero)
+        zeroed = self._hand_zeroed(consumed, changed, zero) if changed else []
         cleared = self._clear(zeroed, ZEROED_BY_HAND, before_step=True) if zeroed else []
-        self._after_update(params)
         step, window = ledger.steps[opt_index], max((ledger.fresh[i] for i, _ in consumed), default=0)
         out = cleared + ledger.step_end(opt_index, [i for i, _ in params])
         record = StepRecord(
@@ -510,7 +517,7 @@ class Tracker:
         out = self._resolve_zeroed_fresh()
         fresh = [(i, p) for i, p in alive if self.ledger.fresh[i] and p.grad is not None]
         self._check_finite(fresh)
-        zeroed = self._hand_zeroed(fresh)
+        zeroed = self._hand_zeroed(fresh, self._changed_positions(fresh))
         out += self._clear(zeroed, ZEROED_BY_HAND, before_step=True) if zeroed else []
         out += self._notice_replaced(alive, supply=False)
         trainable = [p is not None and p.requires_grad for p in params]
@@ -557,15 +564,33 @@ class Tracker:
             self._sinks.call("cleared", self.ledger.backwards, source, len(indices), discarded)
         return out
 
-    def _after_update(self, params: list[tuple[int, torch.Tensor]]) -> None:
-        """Note the versions after a step, of the weights it updated (did the loop move them later?) and of their
-        gradients (was a consumed gradient changed in place before the next accumulation, or step?)."""
-        versions, grad_versions = self._weight_versions, self._grad_versions
+    def _scan_after_step(
+        self, params: list[tuple[int, torch.Tensor]]
+    ) -> tuple[list[tuple[int, torch.Tensor]], list[int]]:
+        """One loop over a step's parameters: the fresh gradients it consumed, the positions among them changed in
+        place since their last pass (zeroed by hand, or clipped), and the versions after the step, of the weights
+        (did the loop move them later?) and of the gradients (changed in place before the next pass or step?)."""
+        versions, grad_versions, refs, fresh = (
+            self._weight_versions,
+            self._grad_versions,
+            self._grad_refs,
+            self.ledger.fresh,
+        )
+        rebinds = self._rebinds
+        consumed: list[tuple[int, torch.Tensor]] = []
+        changed: list[int] = []
         for i, p in params:
             grad = p.grad
-            if grad is not None:
-                versions[i] = p._version
-                grad_versions[i] = grad._version
+            if grad is None:
+                continue
+            if fresh[i]:
+                ref = refs[i]
+                if not rebinds and ref is not None and ref() is grad and grad._version != grad_versions[i]:
+                    changed.append(len(consumed))
+                consumed.append((i, p))
+            versions[i] = p._version
+            grad_versions[i] = grad._version
+        return consumed, changed
 
     def _weights_moved(self, indices: list[int]) -> bool:
         """Whether the loop changed any of these weights in place since their optimizer's latest step (SAM's
@@ -651,7 +676,7 @@ class Tracker:
                     (supplied if supply else cleared).append(i)
         out = self._clear(cleared, SET_TO_NONE) if cleared else []
         if zeroed_consumed:  # a rare path (the step consumes nothing fresh): read whether they were zeroed
-            ledger.clear_consumed(self._hand_zeroed(zeroed_consumed))
+            ledger.clear_consumed(self._hand_zeroed(zeroed_consumed, list(range(len(zeroed_consumed)))))
         if supplied:
             ledger.supplied(supplied)
         return out
