@@ -43,6 +43,26 @@ def _sgd(model=None):
     return build
 
 
+def _accumulation(data, clear_first: bool = True, before_step=None, clear=None):
+    """The reference accumulation loop over ``data`` with the (only) optimizer, as a ``loop(model, opts)``;
+    ``before_step(model)`` runs between the window's last backward and the step, ``clear(model)`` replaces
+    ``zero_grad()`` after the step."""
+
+    def loop(model, opts):
+        (opt,) = opts
+        if clear_first:
+            opt.zero_grad()
+        for i, (x, y) in enumerate(data):
+            mse(model, x, y, ACC).backward()
+            if (i + 1) % ACC == 0:
+                if before_step is not None:
+                    before_step(model)
+                opt.step()
+                (clear or (lambda _: opt.zero_grad()))(model)
+
+    return loop
+
+
 # -- the epoch's short last window -------------------------------------------------------------------
 @pytest.mark.parametrize("batches", [7, 5, 3])
 def test_stepping_on_the_short_last_window_of_each_epoch(batches):
@@ -119,14 +139,7 @@ class _Nested(torch.nn.Module):
 def test_reentrant_checkpointing_counts_one_pass_per_backward(model):
     data = reference_data()
 
-    def loop(m, opts):
-        (opt,) = opts
-        opt.zero_grad()
-        for i, (x, y) in enumerate(data):
-            mse(m, x, y, ACC).backward()
-            if (i + 1) % ACC == 0:
-                opt.step()
-                opt.zero_grad()
+    loop = _accumulation(data)
 
     def build():
         torch.manual_seed(0)
@@ -149,18 +162,11 @@ REPLACEMENTS = {
 
 @pytest.mark.parametrize("replace", list(REPLACEMENTS.values()), ids=list(REPLACEMENTS))
 def test_grad_replaced_between_backward_and_step(replace):
-    data = reference_data()
+    def replace_each(model):
+        for p in model.parameters():
+            p.grad = replace(p)
 
-    def loop(model, opts):
-        (opt,) = opts
-        for i, (x, y) in enumerate(data):
-            mse(model, x, y, ACC).backward()
-            if (i + 1) % ACC == 0:
-                for p in model.parameters():
-                    p.grad = replace(p)
-                opt.step()
-                opt.zero_grad()
-
+    loop = _accumulation(reference_data(), clear_first=False, before_step=replace_each)
     assert _clean_and_unchanged(_sgd(), loop, accumulation_steps=ACC).findings == []
 
 
@@ -220,16 +226,7 @@ def _data_zero(model):
 
 @pytest.mark.parametrize("by_hand", [_zero_each, _foreach_zero, _data_zero])
 def test_clearing_by_hand_with_parameters_of_two_dtypes(by_hand):
-    data = reference_data()
-
-    def loop(model, opts):
-        (opt,) = opts
-        for i, (x, y) in enumerate(data):
-            mse(model, x, y, ACC).backward()
-            if (i + 1) % ACC == 0:
-                opt.step()
-                by_hand(model)
-
+    loop = _accumulation(reference_data(), clear_first=False, clear=by_hand)
     assert _clean_and_unchanged(_sgd(_TwoDtypes), loop, accumulation_steps=ACC).findings == []
 
 
@@ -399,14 +396,7 @@ def test_a_sanity_backward_cleared_before_the_loop():
         mse(model, *data[0]).backward()  # a sanity check before training
         return model, opts
 
-    def loop(model, opts):
-        (opt,) = opts
-        opt.zero_grad()
-        for i, (x, y) in enumerate(data):
-            mse(model, x, y, ACC).backward()
-            if (i + 1) % ACC == 0:
-                opt.step()
-                opt.zero_grad()
+    loop = _accumulation(data)
 
     assert _clean_and_unchanged(build, loop, accumulation_steps=ACC).findings == []
 
@@ -415,13 +405,7 @@ def test_accumulation_steps_accepts_any_integral_number():
     np = pytest.importorskip("numpy")
     data = reference_data()
 
-    def loop(model, opts):
-        (opt,) = opts
-        for i, (x, y) in enumerate(data):
-            mse(model, x, y, ACC).backward()
-            if (i + 1) % ACC == 0:
-                opt.step()
-                opt.zero_grad()
+    loop = _accumulation(data, clear_first=False)
 
     for steps in (np.int64(ACC), torch.tensor(ACC).item()):
         w = _clean_and_unchanged(_sgd(), loop, accumulation_steps=steps)
