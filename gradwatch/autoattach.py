@@ -17,7 +17,7 @@ import torch
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from .watcher import Watcher, watch
+from .watcher import Watcher, unwrap_optimizer, watch
 
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
@@ -78,9 +78,7 @@ class AutoAttach:
             self._module_handles = []
 
     def _attach(self) -> Watcher:
-        with warnings.catch_warnings():  # isinstance() on some deprecated torch objects warns
-            warnings.simplefilter("ignore")
-            optimizers = [o for o in gc.get_objects() if isinstance(o, torch.optim.Optimizer)]
+        optimizers = _live_optimizers()
         held = {id(p) for o in optimizers for g in o.param_groups for p in g["params"]}
         roots = [m for m in (ref() for ref in self._roots) if m is not None]
         roots = [m for m in roots if any(id(p) in held for p in m.parameters())]
@@ -96,6 +94,24 @@ class AutoAttach:
         watcher = watch(model, optimizers, **self.watch_kwargs)
         watcher._adopt_existing_gradients()
         return watcher
+
+
+def _live_optimizers() -> list[torch.optim.Optimizer]:
+    """Every optimizer alive, wrappers (Accelerate's ``AcceleratedOptimizer``) replaced by the optimizer they
+    wrap, each once."""
+    found: dict[int, torch.optim.Optimizer] = {}
+    with warnings.catch_warnings():  # isinstance() on some deprecated torch objects warns
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            try:
+                if not isinstance(obj, torch.optim.Optimizer):
+                    continue
+            except ReferenceError:  # a dead weakref.proxy (dynamo leaves some): not an optimizer anyway
+                continue
+            inner = unwrap_optimizer(obj)
+            if isinstance(inner, torch.optim.Optimizer):
+                found.setdefault(id(inner), inner)
+    return list(found.values())
 
 
 def _contains(outer: torch.nn.Module, inner: torch.nn.Module) -> bool:

@@ -13,7 +13,7 @@ from .report import render_report
 if TYPE_CHECKING:
     from .traces import Trace
 
-EXIT_CLEAN, EXIT_FINDINGS, EXIT_UNREADABLE = 0, 1, 2
+EXIT_CLEAN, EXIT_FINDINGS, EXIT_UNREADABLE, EXIT_UNWATCHED = 0, 1, 2, 3
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -56,6 +56,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--logdir", default=None, help="stream TensorBoard logs and the trace here")
     run.add_argument("--on-finding", choices=("warn", "raise", "record"), default="warn")
     run.add_argument("--no-fail", action="store_true", help="keep the script's exit status whatever was found")
+    run.add_argument(
+        "--allow-unwatched",
+        action="store_true",
+        help=f"keep the script's exit status when gradwatch could not watch it (otherwise {EXIT_UNWATCHED})",
+    )
     run.add_argument("script", help="the training script")
     run.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
 
@@ -71,12 +76,14 @@ def _run_script(args: argparse.Namespace) -> int:
     import runpy
     import traceback
 
+    from . import finding_log
     from .autoattach import AutoAttach
 
     if not os.path.isfile(args.script):
         print(f"gradwatch run: no such script: {args.script!r}", file=sys.stderr)
         return EXIT_UNREADABLE
     auto = AutoAttach(accumulation_steps=args.accumulation_steps, logdir=args.logdir, on_finding=args.on_finding)
+    finding_log.FALLBACK_LOCATION = (os.path.abspath(args.script), 1)  # end-of-run warnings: the script, not runpy
     saved_argv, saved_path = sys.argv, list(sys.path)
     sys.argv = [args.script, *args.script_args]
     sys.path.insert(0, os.path.dirname(os.path.abspath(args.script)))
@@ -95,12 +102,21 @@ def _run_script(args: argparse.Namespace) -> int:
             auto.remove()
         except Exception as error:  # e.g. on_finding="raise" at the end-of-run checks
             print(f"gradwatch: {error}", file=sys.stderr)
+    unwatched = status if status != EXIT_CLEAN or args.allow_unwatched else EXIT_UNWATCHED
     if auto.error is not None:
-        print(f"gradwatch run: could not attach ({auto.error}); the script ran unwatched", file=sys.stderr)
-        return status
+        print(
+            f"gradwatch run: COULD NOT ATTACH ({auto.error}); the script ran unwatched and NOTHING WAS CHECKED "
+            f"(exit status {unwatched}; --allow-unwatched keeps the script's own)",
+            file=sys.stderr,
+        )
+        return unwatched
     if auto.watcher is None:
-        print("gradwatch run: the script never called optimizer.step(); nothing was watched", file=sys.stderr)
-        return status
+        print(
+            "gradwatch run: the script never called optimizer.step(); NOTHING WAS CHECKED "
+            f"(exit status {unwatched}; --allow-unwatched keeps the script's own)",
+            file=sys.stderr,
+        )
+        return unwatched
     print(auto.watcher.report(), file=sys.stderr)
     errors = any(f.severity == "error" for f in auto.watcher.findings)
     return EXIT_FINDINGS if status == EXIT_CLEAN and errors and not args.no_fail else status

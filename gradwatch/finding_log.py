@@ -15,22 +15,36 @@ OnFinding = Union[str, Callable[[Finding], None]]
 POLICIES = ("warn", "raise", "record")
 MAX_DISTINCT = 1000  # past this many distinct findings, new ones are counted into the first of their kind
 MAX_PER_KIND = 8  # past this many distinct findings of one kind (other parameters each step), the same
-_INTERNAL_DIRS = tuple(
-    os.path.dirname(os.path.abspath(path)) + os.sep for path in (__file__, sys.modules["torch"].__file__ or "")
-)
+# the frameworks between the user's call and the optimizer: a warning points past them, at the user's line
+FRAMEWORKS = ("torch", "accelerate", "transformers", "lightning", "pytorch_lightning", "lightning_fabric", "deepspeed")
+FALLBACK_LOCATION: tuple[str, int] | None = None  # where a warning with no user frame points (`gradwatch run`)
 
 
-def user_stacklevel() -> int:
-    """The ``stacklevel`` that points a warning at the first frame outside gradwatch and torch."""
+def _internal_dirs() -> tuple[str, ...]:
+    paths = [__file__] + [getattr(sys.modules.get(name), "__file__", None) or "" for name in FRAMEWORKS]
+    return tuple(os.path.dirname(os.path.abspath(path)) + os.sep for path in paths if path)
+
+
+def _is_internal(filename: str, internal: tuple[str, ...]) -> bool:
+    return filename.startswith(internal) or filename.startswith("<frozen ")
+
+
+def user_frame() -> tuple[int, str, int] | None:
+    """(stacklevel, file, line) of the first frame outside gradwatch, torch and the training frameworks."""
+    internal = _internal_dirs()
     frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+    while frame is not None and _is_internal(frame.f_code.co_filename, internal):
         frame, level = frame.f_back, level + 1
-    return level
+    return None if frame is None else (level, frame.f_code.co_filename, frame.f_lineno)
 
 
 def warn(message: str) -> None:
     """Issue a GradientWarning attributed to the user's line (the backward(), step() or zero_grad() call)."""
-    warnings.warn(message, GradientWarning, stacklevel=user_stacklevel())
+    found = user_frame()
+    if found is None and FALLBACK_LOCATION is not None:
+        warnings.warn_explicit(message, GradientWarning, *FALLBACK_LOCATION)
+        return
+    warnings.warn(message, GradientWarning, stacklevel=found[0] if found else 1)
 
 
 class FindingLog:

@@ -38,7 +38,7 @@ def rank_divergence(traces: Sequence[Trace]) -> list[Finding]:
     findings = []
     n_optimizers = max(len(t.run.get("optimizers", ())) for t in traces)
     for o in range(n_optimizers):
-        windows = [{e["step"]: e for e in t.of("step") if e["optimizer"] == o} for t in traces]
+        windows = [{e["step"]: e for e in t.of("step") if e["optimizer"] == o and not e.get("adopted")} for t in traces]
         steps = sorted(set().union(*windows))
         differing = [s for s in steps if len({w[s]["window"] if s in w else None for w in windows}) > 1]
         if not differing:

@@ -342,9 +342,10 @@ class Tracker:
         zeroed = self._hand_zeroed(consumed, changed, zero) if changed else []
         cleared = self._clear(zeroed, ZEROED_BY_HAND, before_step=True) if zeroed else []
         step, window = ledger.steps[opt_index], max((ledger.fresh[i] for i, _ in consumed), default=0)
+        adopted = opt_index in ledger.unknown_window
         out = cleared + ledger.step_end(opt_index, [i for i, _ in params])
         record = StepRecord(
-            opt_index, step, ledger.backwards, window, tuple(i for i, _ in consumed), tuple(norms or ())
+            opt_index, step, ledger.backwards, window, tuple(i for i, _ in consumed), tuple(norms or ()), adopted
         )
         if updates is not None:
             updated = tuple(i for i, _ in params)

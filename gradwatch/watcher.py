@@ -26,6 +26,7 @@ DDP = torch.nn.parallel.DistributedDataParallel
 Optimizers = Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer]]
 
 FINITE_CHECKS = ("step", "backward")
+COMPILED_MODULE = "_orig_mod"  # torch.compile's OptimizedModule holds the user's module under this name
 _watched: weakref.WeakSet = weakref.WeakSet()  # models and optimizers under a live watch
 
 
@@ -274,15 +275,7 @@ def _optimizers(optimizer: Optimizers) -> list[torch.optim.Optimizer]:
         raise ValueError("watch() needs at least one optimizer; got an empty sequence")
     optimizers = []
     for opt in given:
-        inner = opt
-        while not isinstance(inner, torch.optim.Optimizer) and isinstance(
-            getattr(inner, "optimizer", None), torch.optim.Optimizer
-        ):
-            inner = inner.optimizer  # Accelerate's / Lightning's wrappers: hook the real optimizer
-        if isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer) and not hasattr(
-            inner, "_optimizer_step_pre_hooks"
-        ):
-            inner = inner.optimizer
+        inner = unwrap_optimizer(opt)
         if not isinstance(inner, torch.optim.Optimizer):
             raise TypeError(
                 "watch() expects a torch.optim.Optimizer or a list/tuple of them as optimizer, "
@@ -294,6 +287,22 @@ def _optimizers(optimizer: Optimizers) -> list[torch.optim.Optimizer]:
     return optimizers
 
 
+def unwrap_optimizer(opt: Any) -> Any:
+    """The optimizer a framework's wrapper (Accelerate's ``AcceleratedOptimizer``, Lightning's) holds in
+    ``.optimizer``, or ``opt`` itself: the hooks go on the real one."""
+    inner = opt
+    while not isinstance(inner, torch.optim.Optimizer) and isinstance(
+        getattr(inner, "optimizer", None), torch.optim.Optimizer
+    ):
+        inner = inner.optimizer
+    # a wrapper that derives from Optimizer without its state (AcceleratedOptimizer skips Optimizer.__init__)
+    if isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer) and not hasattr(
+        inner, "_optimizer_step_pre_hooks"
+    ):
+        inner = inner.optimizer
+    return inner
+
+
 def _collect(
     model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]
 ) -> tuple[list[torch.Tensor], list[str], list[int]]:
@@ -302,6 +311,7 @@ def _collect(
     names: list[str] = []
     index: dict[int, int] = {}
     for name, p in model.named_parameters():  # tied weights appear once, under their first name
+        name = ".".join(part for part in name.split(".") if part != COMPILED_MODULE)  # the user's module names
         if isinstance(p, torch.nn.parameter.UninitializedParameter):
             raise ValueError(
                 f"parameter {name!r} is not initialized yet (a lazy module such as LazyLinear): run one forward "

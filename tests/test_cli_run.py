@@ -102,6 +102,76 @@ def test_a_script_that_never_steps(tmp_path):
     path = tmp_path / "nostep.py"
     path.write_text("import torch\nprint(torch.nn.Linear(2, 2)(torch.ones(1, 2)).sum().item())\n")
     result = _run(str(path))
-    assert result.returncode == 0
-    assert "never called optimizer.step()" in result.stderr
+    assert result.returncode == 3  # nothing was checked: never the exit status of a clean run
+    assert "never called optimizer.step()" in result.stderr and "NOTHING WAS CHECKED" in result.stderr
+    assert _run("--allow-unwatched", str(path)).returncode == 0
     assert _run(str(tmp_path / "missing.py")).returncode == 2
+
+
+ACCELERATE_SCRIPT = """
+import sys
+import torch
+import accelerate
+
+torch.manual_seed(0)
+accelerator = accelerate.Accelerator(gradient_accumulation_steps=2, cpu=True)
+model = torch.nn.Sequential(torch.nn.Linear(10, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+model, opt = accelerator.prepare(model, opt)
+for i in range(8):
+    with accelerator.accumulate(model):
+        x, y = torch.randn(4, 10), torch.randn(4, 1)
+        accelerator.backward(torch.nn.functional.mse_loss(model(x), y))
+        opt.step()
+        if sys.argv[1:] != ["missing"]:
+            opt.zero_grad()
+print("script done")
+"""
+
+COMPILE_SCRIPT = """
+import sys
+import torch
+
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(10, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+compiled = torch.compile(model, backend="aot_eager")
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+for i in range(8):
+    x, y = torch.randn(4, 10), torch.randn(4, 1)
+    torch.nn.functional.mse_loss(compiled(x), y).backward()
+    opt.step()
+    if sys.argv[1:] != ["missing"]:
+        opt.zero_grad()
+print("script done")
+"""
+
+
+@pytest.mark.parametrize("kind", ["accelerate", "compile"])
+def test_accelerate_and_compile_scripts_are_watched(kind, tmp_path):
+    if kind == "accelerate":
+        pytest.importorskip("accelerate")
+    path = tmp_path / "train.py"
+    path.write_text(ACCELERATE_SCRIPT if kind == "accelerate" else COMPILE_SCRIPT)
+    clean = _run("--accumulation-steps", "2" if kind == "accelerate" else "1", str(path))
+    assert clean.returncode == 0, clean.stderr
+    assert "no findings" in clean.stderr and "could not attach" not in clean.stderr.lower()
+    buggy = _run("--on-finding", "warn", str(path), "missing")
+    assert buggy.returncode == 1, buggy.stderr
+    assert "uncleared-gradient" in buggy.stderr
+    assert "_orig_mod" not in buggy.stderr  # the user's module names, not torch.compile's wrapper
+    # the warning points at the user's line (opt.step()), not into torch, accelerate or runpy
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if "opt.step()" in text)
+    assert f"{path}:{line}: GradientWarning" in buggy.stderr, buggy.stderr
+
+
+def test_a_script_that_cannot_be_attached_fails_loudly(tmp_path, monkeypatch):
+    from gradwatch import autoattach
+
+    def broken(self):
+        raise RuntimeError("no model found")
+
+    monkeypatch.setattr(autoattach.AutoAttach, "_attach", broken)
+    path = tmp_path / "train.py"
+    path.write_text(COMPILE_SCRIPT)
+    assert main(["run", str(path)]) == 3
+    assert main(["run", "--allow-unwatched", str(path)]) == 0

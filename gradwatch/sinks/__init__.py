@@ -30,6 +30,7 @@ class StepRecord:
     window: int
     params: tuple[int, ...]
     grad_norms: tuple[float, ...] = ()
+    adopted: bool = False  # the window began before the watch (attached mid-run): its size is unknown
     # on the steps a sink asked for them: per parameter of the optimizer, norms of the update and of the weight
     updated: tuple[int, ...] = ()
     update_norms: tuple[float, ...] = ()

@@ -120,7 +120,8 @@ class TensorBoardSink:
     def step(self, record: StepRecord) -> None:
         prefix = f"opt{record.optimizer}/" if self._n_optimizers > 1 else ""
         s = record.step
-        self._writer.add_scalar(f"lifecycle/{prefix}backward_passes_per_step", record.window, s)
+        if not record.adopted:  # a window begun before the watch has no known size: no point rather than a wrong one
+            self._writer.add_scalar(f"lifecycle/{prefix}backward_passes_per_step", record.window, s)
         self._remember({"event": "step", "optimizer": record.optimizer, "step": s, "window": record.window})
         if record.grad_norms:
             squares = self._group_squares(record.params, record.grad_norms, self._groups)

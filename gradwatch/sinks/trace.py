@@ -56,6 +56,8 @@ class TraceSink:
             "window": record.window,
             "params": list(record.params),
         }
+        if record.adopted:
+            line["adopted"] = True  # the window began before the watch: its size is unknown
         if record.grad_norms:
             line["grad_norms"] = list(record.grad_norms)
         self._write(line)
