@@ -114,5 +114,11 @@ def _live_optimizers() -> list[torch.optim.Optimizer]:
     return list(found.values())
 
 
+def optimizers_over(model: torch.nn.Module) -> list[torch.optim.Optimizer]:
+    """The live optimizers (unwrapped) that hold any of ``model``'s parameters."""
+    held = {id(p) for p in model.parameters()}
+    return [o for o in _live_optimizers() if any(id(p) in held for g in o.param_groups for p in g["params"])]
+
+
 def _contains(outer: torch.nn.Module, inner: torch.nn.Module) -> bool:
     return any(m is inner for m in outer.modules())

@@ -70,3 +70,12 @@ def test_ddp_example_reports_the_redundant_sync_on_both_ranks(tmp_path):
     assert "rank 0: ['redundant-sync']" in result.stdout and "rank 1: ['redundant-sync']" in result.stdout
     assert "across 2 ranks: every step consumed the same number of backward passes" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0", "rank1"]
+
+
+def test_hugging_face_trainer_example_is_clean():
+    pytest.importorskip("transformers")
+    result = _run("hf_trainer.py")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no findings" in result.stdout
+    assert "optimizer steps:    6" in result.stdout  # 3 windows per epoch, the last one short
+    assert "gradwatch-trace.jsonl" in result.stdout  # the trace next to the Trainer's TensorBoard logs

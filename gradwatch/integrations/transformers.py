@@ -1,0 +1,63 @@
+"""Hugging Face: ``GradwatchCallback`` watches ``Trainer.train()`` (``pip install 'gradwatch[transformers]'``).
+
+    trainer = Trainer(model, args, train_dataset=data, callbacks=[GradwatchCallback()])
+    trainer.train()
+    print(trainer.callback_handler.callbacks[-1].watcher.report())
+
+It attaches in ``on_train_begin`` to the Trainer's model and optimizer (the one handed to the callbacks, or
+else the live optimizer over the model's parameters: the Trainer builds its own after the callbacks are
+made; Accelerate's ``AcceleratedOptimizer`` is unwrapped), takes the accumulation steps from
+``args.gradient_accumulation_steps``, writes to ``<TensorBoard's logging directory>/gradwatch`` (``logging_dir``,
+else ``TENSORBOARD_LOGGING_DIR``, else ``<output_dir>/runs``) when the Trainer reports to TensorBoard, and detaches
+in ``on_train_end``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from transformers import TrainerCallback
+
+from ..autoattach import optimizers_over
+from ..watcher import Watcher, watch
+
+AUTO = "auto"
+
+
+class GradwatchCallback(TrainerCallback):
+    """Watch the Trainer's gradient lifecycle. ``logdir="auto"`` follows ``report_to`` (TensorBoard), None writes
+    nothing. The other keyword arguments go to ``gradwatch.watch`` (``on_finding``, ``finite_check``, ...)."""
+
+    def __init__(self, accumulation_steps: int | str | None = AUTO, logdir: Any = AUTO, **watch_kwargs: Any) -> None:
+        self.accumulation_steps = accumulation_steps
+        self.logdir = logdir
+        self.watch_kwargs = watch_kwargs
+        self.watcher: Watcher | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if self.watcher is not None:  # a second train() call: a new watch
+            self.watcher.detach()
+        optimizer = kwargs.get("optimizer")
+        optimizers = [optimizer] if optimizer is not None else optimizers_over(model)
+        if not optimizers:
+            raise ValueError(
+                "GradwatchCallback found no optimizer over the model's parameters at the start of training; "
+                "pass optimizers=(optimizer, scheduler) to the Trainer, or use gradwatch.watch() yourself"
+            )
+        accumulation = args.gradient_accumulation_steps if self.accumulation_steps == AUTO else self.accumulation_steps
+        logdir = self.logdir
+        if logdir == AUTO:
+            report_to = [args.report_to] if isinstance(args.report_to, str) else list(args.report_to or ())
+            logdir = os.path.join(_tensorboard_dir(args), "gradwatch") if "tensorboard" in report_to else None
+        self.watcher = watch(model, optimizers, accumulation, logdir=logdir, **self.watch_kwargs)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.watcher is not None:
+            self.watcher.detach()
+
+
+def _tensorboard_dir(args: Any) -> str:
+    """Where the Trainer's TensorBoard callback writes (``logging_dir`` was dropped from TrainingArguments in 5.0)."""
+    given = getattr(args, "logging_dir", None) or os.environ.get("TENSORBOARD_LOGGING_DIR")
+    return given or os.path.join(args.output_dir, "runs")

@@ -1,0 +1,123 @@
+"""Hugging Face Trainer: ``GradwatchCallback`` on a tiny GPT-2 built from a config (no download; optional)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from gradwatch import GradientWarning  # noqa: E402
+from gradwatch.integrations.transformers import GradwatchCallback  # noqa: E402
+
+ACC = 2
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n: int):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, 64, (n, 12), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _model():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _train(tmp_path, n_examples=8, trainer_cls=None, optimizer=None, eval_too=False, **args):
+    model = _model()
+    training_args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=ACC,
+        num_train_epochs=2,
+        learning_rate=1e-3,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        eval_strategy="steps" if eval_too else "no",
+        eval_steps=1,
+        **args,
+    )
+    callback = GradwatchCallback(on_finding="record")
+    trainer = (trainer_cls or transformers.Trainer)(
+        model=model,
+        args=training_args,
+        train_dataset=Tokens(n_examples),
+        eval_dataset=Tokens(4) if eval_too else None,
+        callbacks=[callback],
+        optimizers=(optimizer(model) if optimizer else None, None),
+    )
+    trainer.train()
+    assert not callback.watcher.attached  # detached at the end of training
+    return callback.watcher, model
+
+
+@pytest.mark.parametrize("n_examples", [8, 10], ids=["epoch-of-full-windows", "short-last-window"])
+def test_trainer_with_gradient_accumulation_is_clean(tmp_path, n_examples):
+    w, _ = _train(tmp_path, n_examples)
+    assert w.findings == [], w.report()
+    assert w._tracker.ledger.steps == [2 * -(-n_examples // (2 * ACC))]  # two epochs, the short window stepped
+
+
+def test_trainer_with_gradient_checkpointing_and_evaluation_is_clean(tmp_path):
+    w, _ = _train(tmp_path, 10, eval_too=True, gradient_checkpointing=True)
+    assert w.findings == [], w.report()
+
+
+def test_an_optimizer_that_leaves_out_the_position_embeddings(tmp_path):
+    def without_wpe(model):
+        return torch.optim.AdamW([p for n, p in model.named_parameters() if "wpe" not in n], lr=1e-3)
+
+    w, _ = _train(tmp_path, optimizer=without_wpe)
+    (f,) = [f for f in w.findings if f.kind == "orphan-gradient"]
+    assert f.params == ("transformer.wpe.weight",)
+
+
+def test_a_custom_training_step_that_clears_the_window(tmp_path):
+    class ClearsEveryMicroBatch(transformers.Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            model.zero_grad()  # wipes the window's earlier micro-batches
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    w, _ = _train(tmp_path, trainer_cls=ClearsEveryMicroBatch)
+    f = next(f for f in w.findings if f.kind == "discarded-gradient")
+    assert "transformer.wte.weight" in f.params and f.step == 0
+
+
+def test_the_trainers_own_zero_grad_removed(tmp_path, monkeypatch):
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "zero_grad", lambda self, set_to_none=True: None)
+    w, _ = _train(tmp_path)
+    f = next(f for f in w.findings if f.kind == "uncleared-gradient")
+    assert "transformer.wte.weight" in f.params and f.step == 1
+
+
+def test_warnings_point_at_the_users_train_call(tmp_path):
+    model = _model()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=ACC, max_steps=2,
+        report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True,
+    )  # fmt: skip
+    optimizer = torch.optim.SGD([p for n, p in model.named_parameters() if "wpe" not in n], lr=1e-3)
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=Tokens(8), callbacks=[GradwatchCallback()], optimizers=(optimizer, None)
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    (orphan,) = [c for c in caught if issubclass(c.category, GradientWarning) and "orphan" in str(c.message)]
+    assert orphan.filename == __file__  # this test's trainer.train() line, not transformers' or accelerate's
