@@ -121,3 +121,56 @@ def test_warnings_point_at_the_users_train_call(tmp_path):
         trainer.train()
     (orphan,) = [c for c in caught if issubclass(c.category, GradientWarning) and "orphan" in str(c.message)]
     assert orphan.filename == __file__  # this test's trainer.train() line, not transformers' or accelerate's
+
+
+TRAINER_SCRIPT = """
+import sys
+import tempfile
+
+import torch
+import transformers
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n):
+        self.ids = torch.randint(0, 64, (n, 12), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+torch.manual_seed(0)
+config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+model = transformers.GPT2LMHeadModel(config)
+if sys.argv[1:] == ["missing"]:
+    model.zero_grad = lambda set_to_none=True: None  # the Trainer's own clear removed
+with tempfile.TemporaryDirectory() as out:
+    args = transformers.TrainingArguments(
+        output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=2, num_train_epochs=2,
+        report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True,
+    )
+    transformers.Trainer(model=model, args=args, train_dataset=Tokens(10)).train()
+"""
+
+
+def test_the_trainer_through_gradwatch_run(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(TRAINER_SCRIPT)
+
+    def run(*args):
+        command = [sys.executable, "-m", "gradwatch", "run", "--accumulation-steps", "2", str(script), *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+
+    clean = run()
+    assert clean.returncode == 0, clean.stderr
+    assert "no findings" in clean.stderr
+    buggy = run("missing")
+    assert buggy.returncode == 1
+    line = next(n for n, text in enumerate(TRAINER_SCRIPT.splitlines(), 1) if ".train()" in text)
+    assert f"{script}:{line}: GradientWarning: gradwatch: uncleared-gradient" in buggy.stderr
