@@ -143,7 +143,8 @@ class Tokens(torch.utils.data.Dataset):
 
 
 torch.manual_seed(0)
-config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)
+config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+config.bos_token_id = config.eos_token_id = 0
 model = transformers.GPT2LMHeadModel(config)
 if sys.argv[1:] == ["missing"]:
     model.zero_grad = lambda set_to_none=True: None  # the Trainer's own clear removed
