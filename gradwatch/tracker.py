@@ -3,8 +3,10 @@
 Host-side facts (is ``.grad`` None, the same object, a new version) are free and checked as events
 arrive. Values are read only when needed: NaN/Inf once per optimizer step over the gradients it consumes
 (or, with ``finite_check="backward"``, queued on the device after each backward pass and read at the step),
-and before a clear that would drop unconsumed gradients; "was this consumed gradient zeroed in place?" is
-computed on the device when a backward pass starts and read only if a step is about to be accused.
+and before a clear that would drop unconsumed gradients. "Was this gradient zeroed in place by hand?" is
+asked only of gradients whose version moved without an event gradwatch saw: at a step, in the same read as
+the NaN/Inf check; when a backward pass starts (consumed gradients, and fresh ones when a probe parameter per
+optimizer moved), computed on the device and read at the next step or clear.
 """
 
 from __future__ import annotations
