@@ -178,7 +178,9 @@ class Tracker:
         items = list(pending.items())
         values = iter(read_flags([flag for _, (flags, _, _) in items for flag in flags]))
         zeroed = [(i, before, b) for i, (flags, before, b) in items if all([next(values) for _ in flags])]
-        return self.ledger.cleared_before(zeroed, ZEROED_BY_HAND) if zeroed else []
+        if len(zeroed) < len(items):  # a hand clear zeroes all it touches; else they were clipped or scaled
+            return []
+        return self.ledger.cleared_before(zeroed, ZEROED_BY_HAND)
 
     def _hand_zeroed(
         self, params: list[tuple[int, torch.Tensor]], changed: list[int], zero: list[int] | None = None

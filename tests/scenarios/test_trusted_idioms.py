@@ -446,3 +446,31 @@ def test_a_nan_window_skipped_then_dropped_by_hand(drop, finite_check, scaler):
                 drop(model)
 
     assert bugs(_clean_and_unchanged(_sgd(), loop, accumulation_steps=ACC, finite_check=finite_check)) == []
+
+
+class _WithAZeroGradient(torch.nn.Module):
+    """A parameter whose gradient is exactly zero every pass (a gate held shut), next to ordinary ones."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Linear(10, 1)
+        self.gate = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return self.body(x) + 0.0 * self.gate
+
+
+def test_clipping_every_micro_batch_with_a_zero_gradient_among_them():
+    data = reference_data()
+
+    def loop(model, opts):
+        (opt,) = opts
+        for i, (x, y) in enumerate(data):
+            mse(model, x, y, ACC).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # changes every .grad in place, each pass
+            if (i + 1) % ACC == 0:
+                opt.step()
+                opt.zero_grad()
+
+    assert _clean_and_unchanged(_sgd(_WithAZeroGradient), loop, accumulation_steps=ACC).findings == []
