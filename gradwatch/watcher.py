@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import os
+import sys
 import weakref
 from types import TracebackType
 from typing import Any, Iterable, Sequence, Union
@@ -200,6 +201,7 @@ def watch(
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"watch() expects a torch.nn.Module as model, got {type(model).__name__}")
+    _refuse_sharded(model)
     optimizers = _optimizers(optimizer)
     if accumulation_steps is not None:
         if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, numbers.Integral):
@@ -259,6 +261,27 @@ def watch(
 def _close_sinks(sinks: Sinks) -> None:
     """Close the sinks of a watch that was never detached (its optimizers and the watch were collected)."""
     sinks.close()
+
+
+class UnsupportedSetup(ValueError):
+    """A training set-up gradwatch cannot watch correctly (it refuses rather than report false findings)."""
+
+
+def _refuse_sharded(model: torch.nn.Module) -> None:
+    """FSDP reduce-scatters gradients into sharded ``.grad`` tensors outside the accumulation path the hooks
+    read: gradwatch would report false findings there, so it refuses to watch rather than mislead."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # never imported: nothing sharded
+    if fsdp is None:
+        return
+    sharded = tuple(
+        c for c in (getattr(fsdp, "FSDPModule", None), getattr(fsdp, "FullyShardedDataParallel", None)) if c
+    )
+    if sharded and any(isinstance(m, sharded) for m in model.modules()):
+        raise UnsupportedSetup(
+            "gradwatch does not support FSDP (fully_shard / FullyShardedDataParallel) yet: sharded gradients are "
+            "accumulated outside the hooks it reads, so it would report false findings. Watch the model without "
+            "sharding (one process, or DistributedDataParallel) to debug its gradient lifecycle"
+        )
 
 
 def _distributed() -> tuple[int | None, int | None]:

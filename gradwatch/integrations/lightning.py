@@ -19,7 +19,8 @@ except ImportError:  # pragma: no cover - depends on what is installed
     import lightning.pytorch as pl  # type: ignore[no-redef]
     from lightning.pytorch.loggers import TensorBoardLogger  # type: ignore[no-redef]
 
-from ..watcher import Watcher, watch
+from ..finding_log import warn
+from ..watcher import UnsupportedSetup, Watcher, watch
 
 AUTO = "auto"
 
@@ -46,7 +47,10 @@ class GradwatchCallback(pl.Callback):
         if logdir == AUTO:
             logger = trainer.logger
             logdir = os.path.join(logger.log_dir, "gradwatch") if isinstance(logger, TensorBoardLogger) else None
-        self.watcher = watch(pl_module, list(trainer.optimizers), accumulation, logdir=logdir, **self.watch_kwargs)
+        try:
+            self.watcher = watch(pl_module, list(trainer.optimizers), accumulation, logdir=logdir, **self.watch_kwargs)
+        except UnsupportedSetup as error:  # (FSDP) say so loudly, and never stop the training for it
+            warn(f"gradwatch cannot watch this fit, which runs unwatched (NOTHING IS CHECKED): {error}")
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self._detach()

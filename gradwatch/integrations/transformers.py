@@ -20,7 +20,8 @@ from typing import Any
 from transformers import TrainerCallback
 
 from ..autoattach import optimizers_over
-from ..watcher import Watcher, watch
+from ..finding_log import warn
+from ..watcher import UnsupportedSetup, Watcher, watch
 
 AUTO = "auto"
 
@@ -50,7 +51,10 @@ class GradwatchCallback(TrainerCallback):
         if logdir == AUTO:
             report_to = [args.report_to] if isinstance(args.report_to, str) else list(args.report_to or ())
             logdir = os.path.join(_tensorboard_dir(args), "gradwatch") if "tensorboard" in report_to else None
-        self.watcher = watch(model, optimizers, accumulation, logdir=logdir, **self.watch_kwargs)
+        try:
+            self.watcher = watch(model, optimizers, accumulation, logdir=logdir, **self.watch_kwargs)
+        except UnsupportedSetup as error:  # (FSDP) say so loudly, and never stop the training for it
+            warn(f"gradwatch cannot watch this training, which runs unwatched (NOTHING IS CHECKED): {error}")
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.watcher is not None:

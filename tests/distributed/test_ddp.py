@@ -148,3 +148,34 @@ def test_one_rank_has_no_communication_to_waste(tmp_path):
     finally:
         dist.destroy_process_group()
     assert w is not None and w.findings == []
+
+
+def test_fsdp2_is_refused_rather_than_misreported():
+    """FSDP2 shards gradients outside the hooks' accumulation path: watch() says so instead of false findings."""
+    import datetime
+
+    import torch
+
+    import gradwatch
+
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("needs FSDP2 (torch >= 2.6)")
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{_free_port()}",
+        rank=0,
+        world_size=1,
+        timeout=datetime.timedelta(seconds=30),
+    )
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(10, 4), torch.nn.Linear(4, 1))
+        for layer in model:
+            fsdp.fully_shard(layer)
+        fsdp.fully_shard(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        with pytest.raises(ValueError, match="does not support FSDP"):
+            gradwatch.watch(model, opt)
+        assert all(not p._post_accumulate_grad_hooks for p in model.parameters())  # nothing left behind
+    finally:
+        dist.destroy_process_group()
