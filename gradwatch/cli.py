@@ -118,6 +118,13 @@ def _run_script(args: argparse.Namespace) -> int:
         )
         return unwatched
     print(auto.watcher.report(), file=sys.stderr)
+    if auto.watcher.stopped is not None:
+        print(
+            f"gradwatch run: CHECKING STOPPED part-way ({auto.watcher.stopped}); the rest of the run was not checked "
+            f"(exit status {unwatched}; --allow-unwatched keeps the script's own)",
+            file=sys.stderr,
+        )
+        return unwatched
     errors = any(f.severity == "error" for f in auto.watcher.findings)
     return EXIT_FINDINGS if status == EXIT_CLEAN and errors and not args.no_fail else status
 

@@ -62,6 +62,8 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
             watcher.assert_clean(allow=allow)
         except Exception as error:  # GradientBugError, or an unknown kind in allow=
             failures.append(str(error))
+        if watcher.stopped is not None:  # never a pass for a loop that was not checked to its end
+            failures.append(f"gradwatch stopped checking ({watcher.stopped}): the rest of the loop was not checked")
     if failures:
         pytest.fail("\n".join(failures), pytrace=False)
     return result

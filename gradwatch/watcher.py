@@ -92,6 +92,12 @@ class Watcher:
         return list(self._log.findings)
 
     @property
+    def stopped(self) -> str | None:
+        """Why gradwatch stopped checking part-way (an internal error, an unsupported mode), or None: a run
+        with a reason here was not fully checked, whatever ``findings`` say."""
+        return self._internal_error
+
+    @property
     def attached(self) -> bool:
         """Whether the hooks are still in place."""
         return self._attached
@@ -121,6 +127,7 @@ class Watcher:
         if not self._attached:
             return
         self._attached = False
+        self._tracker.pending_stop = None  # an optimizer collected at the end of the run stops nothing
         try:
             self._hooks.grouper.close_stale()
             self._tracker.finish()

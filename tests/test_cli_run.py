@@ -175,3 +175,17 @@ def test_a_script_that_cannot_be_attached_fails_loudly(tmp_path, monkeypatch):
     path.write_text(COMPILE_SCRIPT)
     assert main(["run", str(path)]) == 3
     assert main(["run", "--allow-unwatched", str(path)]) == 0
+
+
+def test_a_run_whose_checking_stopped_is_not_a_clean_run(tmp_path):
+    path = tmp_path / "train.py"
+    tail = [
+        "import torch._dynamo.compiled_autograd as ca",
+        "with ca._enable(torch.compile(backend='eager')):",
+        "    torch.nn.functional.mse_loss(model(torch.randn(4, 10)), torch.randn(4, 1)).backward()",
+        "    opt.step()",
+    ]
+    path.write_text(COMPILE_SCRIPT + "\n".join(tail) + "\n")
+    result = _run(str(path))
+    assert result.returncode == 3, result.stderr
+    assert "CHECKING STOPPED" in result.stderr and "compiled autograd" in result.stderr

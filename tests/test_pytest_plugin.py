@@ -98,3 +98,21 @@ def test_own_failure(gradwatch):
     result = suite.runpytest_subprocess()  # the plugin comes from the pytest11 entry point
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*the test's own assertion*"])
+
+
+def test_a_watch_that_stopped_checking_fails_the_test(suite):
+    suite.makepyfile(
+        LOOP
+        + """
+def test_compiled_autograd(gradwatch):
+    import torch._dynamo.compiled_autograd as compiled_autograd
+
+    model, optimizer = build()
+    gradwatch(model, optimizer)
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        train(model, optimizer)
+"""
+    )
+    result = suite.runpytest_subprocess("-W", "ignore")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*gradwatch stopped checking*compiled autograd*not checked*"])
