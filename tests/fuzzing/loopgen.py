@@ -55,6 +55,7 @@ class LoopSpec:
     checkpoint: str | None = None  # "reentrant" | "non-reentrant"
     validation: str | None = None  # "no_grad" | "inference_mode"
     nan: str | None = None  # "scaler-skip" | "check-zero_grad" | "check-by-hand" | "check-zero_"
+    grad_edit: str | None = None  # before the step: "replace" (p.grad = p.grad * 1.0) | "in-place" (p.grad.mul_)
     finite_check: str = "step"
     mutation: str | None = None
     seed: int = 0
@@ -98,6 +99,7 @@ def draw(rng: random.Random, mutate: bool = False) -> LoopSpec:
         validation=rng.choice([None, None, "no_grad", "inference_mode"]),
         nan=rng.choice(nan_choices),
         finite_check=rng.choice(["step", "backward"]),
+        grad_edit=rng.choice([None, None, "replace", "in-place"]),
         seed=rng.randrange(1 << 16),
     )
     if not mutate:
@@ -260,6 +262,9 @@ def render(spec: LoopSpec) -> str:
     }[s.clip]
 
     step_lines = []  # one optimizer step of the loop, `k` counts the steps so far
+    if s.grad_edit:  # a gradient edited between backward and step (denoised, rescaled): numbers unchanged here
+        edit = "p.grad = p.grad * 1.0" if s.grad_edit == "replace" else "p.grad.mul_(1.0)"
+        step_lines.append(f"for p in model.parameters():\n    if p.grad is not None:\n        {edit}")
     if s.scaler:
         unscale = ["for o in opts:", "    scaler.unscale_(o)"]
         if s.clip:
