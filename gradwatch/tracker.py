@@ -225,17 +225,25 @@ class Tracker:
         ledger = self.ledger
         contributed: list[int] = []
         cleared: list[int] = []
-        for i, grad in grads.items():
+        refs, versions, rebinds, fresh, consumed = (
+            self._grad_refs,
+            self._grad_versions,
+            self._rebinds,
+            ledger.fresh,
+            ledger.consumed,
+        )
+        for i, grad in grads.items():  # the hot path: one iteration per parameter per backward pass
             if grad is None:  # an undefined incoming gradient: nothing accumulated
                 continue
-            ref = self._grad_refs[i]
+            ref = refs[i]
+            version = grad._version
             if ref is None or ref() is not grad:
-                if ref is not None and not self._same_grad(i, grad) and (ledger.fresh[i] or ledger.consumed[i]):
+                if ref is not None and not self._same_grad(i, grad) and (fresh[i] or consumed[i]):
                     cleared.append(i)  # .grad was set to None or replaced since we last saw it
-                self._grad_refs[i] = weakref.ref(grad)
-            elif grad._version == self._grad_versions[i] and not self._rebinds:
+                refs[i] = weakref.ref(grad)
+            elif version == versions[i] and not rebinds:
                 continue  # same tensor, untouched: the hook fired for an undefined gradient
-            self._grad_versions[i] = grad._version
+            versions[i] = version
             contributed.append(i)
         out = self._clear(cleared, SET_TO_NONE, count=not self._clear_counted) if cleared else []
         self._clear_counted = self._clear_counted or bool(cleared)
@@ -243,13 +251,18 @@ class Tracker:
             return out
         backward = ledger.backwards - 1 if continuing else ledger.backwards
         out += ledger.backward(contributed, same_pass=continuing)
-        owners, probes, n_optimizers = ledger.owners, {}, len(ledger.steps)
-        for i in reversed(contributed):  # reached last: most likely not the first one next time
-            if owners[i] != NO_OWNER and owners[i] not in probes:
-                probes[owners[i]] = i
-                if len(probes) == n_optimizers:
-                    break
-        self._probes.update(probes)
+        owners = ledger.owners
+        if len(ledger.steps) == 1:  # one optimizer: the parameter reached last is its probe
+            if contributed and owners[contributed[-1]] != NO_OWNER:
+                self._probes[0] = contributed[-1]
+        else:
+            probes: dict[int, int] = {}
+            for i in reversed(contributed):  # reached last: most likely not the first one next time
+                if owners[i] != NO_OWNER and owners[i] not in probes:
+                    probes[owners[i]] = i
+                    if len(probes) == len(ledger.steps):
+                        break
+            self._probes.update(probes)
         synced = None
         if self._ddp is not None and contributed:
             synced = bool(getattr(self._ddp(), "require_forward_param_sync", False))  # set by DDP at the forward
