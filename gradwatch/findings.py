@@ -20,23 +20,34 @@ REDUNDANT_SYNC = "redundant-sync"
 RANK_DIVERGENCE = "rank-divergence"
 PRE_EXISTING = "pre-existing-gradient"
 
-SEVERITY: Mapping[str, str] = {
-    UNCLEARED: "error",
-    STALE: "error",
-    DISCARDED: "error",
-    EMPTY_STEP: "error",
-    ACCUMULATION_MISMATCH: "error",
-    ORPHAN: "error",
-    NON_FINITE: "error",
-    DANGLING: "warning",
-    UNUSED: "info",
-    CLIP_BEFORE_UNSCALE: "error",
-    SKIPPED_STEP: "info",
-    REDUNDANT_SYNC: "warning",
-    RANK_DIVERGENCE: "error",
-    PRE_EXISTING: "warning",
+
+@dataclass(frozen=True)
+class KindInfo:
+    """What every finding of one kind shares: its severity and the timeline lane it is drawn in (the message
+    templates are in ``_MESSAGES`` below)."""
+
+    severity: str  # "error" | "warning" | "info"
+    lane: str  # "backward" | "step" | "clear": the event where it shows
+
+
+CATALOGUE: Mapping[str, KindInfo] = {
+    UNCLEARED: KindInfo("error", "step"),
+    STALE: KindInfo("error", "step"),
+    DISCARDED: KindInfo("error", "clear"),
+    EMPTY_STEP: KindInfo("error", "step"),
+    ACCUMULATION_MISMATCH: KindInfo("error", "step"),
+    ORPHAN: KindInfo("error", "backward"),
+    NON_FINITE: KindInfo("error", "backward"),
+    DANGLING: KindInfo("warning", "backward"),
+    UNUSED: KindInfo("info", "step"),
+    CLIP_BEFORE_UNSCALE: KindInfo("error", "step"),
+    SKIPPED_STEP: KindInfo("info", "step"),
+    REDUNDANT_SYNC: KindInfo("warning", "step"),
+    RANK_DIVERGENCE: KindInfo("error", "step"),
+    PRE_EXISTING: KindInfo("warning", "step"),
 }
-KINDS: tuple[str, ...] = tuple(SEVERITY)
+SEVERITY: Mapping[str, str] = {kind: info.severity for kind, info in CATALOGUE.items()}
+KINDS: tuple[str, ...] = tuple(CATALOGUE)
 
 # Each template gets: params (names, shortened), step, backward, and the occurrence's detail fields. A kind
 # whose occurrences say ``how`` it happened has one template per way, keyed (kind, how).

@@ -6,14 +6,10 @@ import importlib.util
 import os
 from typing import Any, Sequence
 
+from .findings import CATALOGUE
+
 INSTALL_HINT = "install matplotlib (pip install 'gradwatch[plot]') for the timeline picture"
 LANES = {"backward": 2, "step": 1, "clear": 0}
-LANE_OF_KIND = {
-    "orphan-gradient": "backward",
-    "non-finite-gradient": "backward",
-    "discarded-gradient": "clear",
-    "dangling-gradient": "backward",
-}
 MAX_EVENTS = 400  # a picture of the first events; the trace has them all
 
 
@@ -57,7 +53,8 @@ def render(events: Sequence[dict[str, Any]], path: str | os.PathLike[str]) -> An
                 color="tab:green",
             )
     for f in findings:
-        lane = LANE_OF_KIND.get(f["kind"], "step")
+        info = CATALOGUE.get(f["kind"])
+        lane = info.lane if info is not None else "step"
         last = len(lifecycle) - 1
         if lane == "clear":  # the clear made when this many backward passes had run
             x = x_of_clear.get(f["backward"], last)
