@@ -130,11 +130,10 @@ def test_a_raise_from_backward_leaves_ddp_usable(ddp_run):
         assert results[r]["raise_then_train"] == {"raised": 1, "steps": [8], "kinds": ["orphan-gradient"]}
 
 
-def test_one_rank_has_no_communication_to_waste(tmp_path):
-    """DDP over a world of one (a debugging run of a DDP script): no redundant-sync about ranks."""
+@pytest.fixture
+def one_rank():
+    """A process group of one gloo rank in this process (a debugging run of a distributed script)."""
     import datetime
-
-    from ddp_scenarios import _loop
 
     dist.init_process_group(
         "gloo",
@@ -143,17 +142,20 @@ def test_one_rank_has_no_communication_to_waste(tmp_path):
         world_size=1,
         timeout=datetime.timedelta(seconds=30),
     )
-    try:
-        w, _ = _loop(0, str(tmp_path), use_no_sync=False)
-    finally:
-        dist.destroy_process_group()
+    yield
+    dist.destroy_process_group()
+
+
+def test_one_rank_has_no_communication_to_waste(tmp_path, one_rank):
+    """DDP over a world of one: no redundant-sync about ranks."""
+    from ddp_scenarios import _loop
+
+    w, _ = _loop(0, str(tmp_path), use_no_sync=False)
     assert w is not None and w.findings == []
 
 
-def test_fsdp2_is_refused_rather_than_misreported():
+def test_fsdp2_is_refused_rather_than_misreported(one_rank):
     """FSDP2 shards gradients outside the hooks' accumulation path: watch() says so instead of false findings."""
-    import datetime
-
     import torch
 
     import gradwatch
@@ -161,21 +163,11 @@ def test_fsdp2_is_refused_rather_than_misreported():
     fsdp = pytest.importorskip("torch.distributed.fsdp")
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip("needs FSDP2 (torch >= 2.6)")
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{_free_port()}",
-        rank=0,
-        world_size=1,
-        timeout=datetime.timedelta(seconds=30),
-    )
-    try:
-        model = torch.nn.Sequential(torch.nn.Linear(10, 4), torch.nn.Linear(4, 1))
-        for layer in model:
-            fsdp.fully_shard(layer)
-        fsdp.fully_shard(model)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        with pytest.raises(ValueError, match="does not support FSDP"):
-            gradwatch.watch(model, opt)
-        assert all(not p._post_accumulate_grad_hooks for p in model.parameters())  # nothing left behind
-    finally:
-        dist.destroy_process_group()
+    model = torch.nn.Sequential(torch.nn.Linear(10, 4), torch.nn.Linear(4, 1))
+    for layer in model:
+        fsdp.fully_shard(layer)
+    fsdp.fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(ValueError, match="does not support FSDP"):
+        gradwatch.watch(model, opt)
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())  # nothing left behind
