@@ -136,28 +136,22 @@ class Tracker:
         self._clear_counted = False
 
     def _changed_in_place(self, i: int) -> bool:
-        """Whether parameter ``i``'s ``.grad`` is the tensor we last saw, changed in place since then."""
+        """Whether parameter ``i``'s ``.grad`` is the tensor we last saw, changed in place since then (never under
+        DDP, whose bucket views share one version counter)."""
+        if self._rebinds:
+            return False
         p = self._params[i]()
         grad = None if p is None else p.grad
         ref = self._grad_refs[i]
         return grad is not None and ref is not None and ref() is grad and grad._version != self._grad_versions[i]
 
     def _changed_positions(self, params: list[tuple[int, torch.Tensor]]) -> list[int]:
-        """Positions in ``params`` whose ``.grad`` changed in place since we last saw it (once per step: inlined)."""
-        if self._rebinds:
-            return []
-        refs, versions, changed = self._grad_refs, self._grad_versions, []
-        for pos, (i, p) in enumerate(params):
-            grad, ref = p.grad, refs[i]
-            if grad is not None and ref is not None and ref() is grad and grad._version != versions[i]:
-                changed.append(pos)
-        return changed
+        """Positions in ``params`` whose ``.grad`` changed in place since we last saw it."""
+        return [pos for pos, (i, _) in enumerate(params) if self._changed_in_place(i)]
 
     def _look_at_changed_fresh(self, index: int, param: torch.Tensor) -> None:
         """Fresh gradients changed in place between two passes of a window: zeroed by hand (a window dropped, or
         a clear inside it)? Computed on the device now, read at the next step or clear."""
-        if self._rebinds:
-            return
         ledger = self.ledger
         changed = [i for i, f in enumerate(ledger.fresh) if f and i != index and self._changed_in_place(i)]
         grads = [self._params[i]().grad for i in changed]  # type: ignore[union-attr]
@@ -685,7 +679,7 @@ class Tracker:
             if grad is None:
                 if ledger.fresh[i] or ledger.consumed[i]:
                     cleared.append(i)
-            elif ledger.consumed[i] and not ledger.fresh[i] and self._changed_in_place(i) and not self._rebinds:
+            elif ledger.consumed[i] and not ledger.fresh[i] and self._changed_in_place(i):
                 zeroed_consumed.append((i, p))  # changed in place since its step, with no backward since
             elif not self._same_grad(i, grad):
                 self._grad_refs[i] = weakref.ref(grad)
