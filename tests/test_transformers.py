@@ -10,7 +10,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
-from gradwatch import GradientWarning  # noqa: E402
+import gradwatch  # noqa: E402
+from gradwatch import GradientBugError, GradientWarning  # noqa: E402
 from gradwatch.integrations.transformers import GradwatchCallback  # noqa: E402
 
 ACC = 2
@@ -104,6 +105,52 @@ def test_the_trainers_own_zero_grad_removed(tmp_path, monkeypatch):
     w, _ = _train(tmp_path)
     f = next(f for f in w.findings if f.kind == "uncleared-gradient")
     assert "transformer.wte.weight" in f.params and f.step == 1
+
+
+def _failing_trainer(tmp_path, callback, fail_at_call=3):
+    class FailsMidEpoch(transformers.Trainer):
+        calls = 0
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            FailsMidEpoch.calls += 1
+            if FailsMidEpoch.calls == fail_at_call:
+                raise RuntimeError("out of memory (simulated)")
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=ACC, max_steps=4,
+        report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True,
+    )  # fmt: skip
+    return FailsMidEpoch(model=_model(), args=args, train_dataset=Tokens(16), callbacks=[callback])
+
+
+def test_detaches_and_closes_the_trace_when_train_raises(tmp_path):
+    callback = GradwatchCallback(on_finding="record", logdir=tmp_path / "logs")
+    trainer = _failing_trainer(tmp_path, callback)
+    with pytest.raises(RuntimeError, match="simulated"):
+        trainer.train()
+    assert not callback.watcher.attached
+    trace = gradwatch.load_trace(tmp_path / "logs")
+    assert len(trace.of("step")) == 1  # the one step before the failure
+    assert trace.complete  # the end record written: detached, sinks closed
+
+
+def test_raise_mode_propagates_out_of_train_and_detaches(tmp_path):
+    def without_wpe(model):
+        return torch.optim.SGD([p for n, p in model.named_parameters() if "wpe" not in n], lr=1e-3)
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=ACC, max_steps=2,
+        report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True,
+    )  # fmt: skip
+    model = _model()
+    callback = GradwatchCallback(on_finding="raise")
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=Tokens(8), callbacks=[callback], optimizers=(without_wpe(model), None)
+    )
+    with pytest.raises(GradientBugError, match="orphan-gradient"):
+        trainer.train()
+    assert not callback.watcher.attached
 
 
 def test_warnings_point_at_the_users_train_call(tmp_path):

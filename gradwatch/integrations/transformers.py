@@ -9,18 +9,24 @@ else the live optimizer over the model's parameters: the Trainer builds its own 
 made; Accelerate's ``AcceleratedOptimizer`` is unwrapped), takes the accumulation steps from
 ``args.gradient_accumulation_steps``, writes to ``<TensorBoard's logging directory>/gradwatch`` (``logging_dir``,
 else ``TENSORBOARD_LOGGING_DIR``, else ``<output_dir>/runs``) when the Trainer reports to TensorBoard, and detaches
-in ``on_train_end``.
+in ``on_train_end``, or when ``train()`` raises (an error, ``KeyboardInterrupt``, ``on_finding="raise"``): no
+Trainer event marks that, so the callback finds its Trainer when it is called from ``Trainer.__init__`` (or from
+``train()`` when it was added later) and guards the instance's ``train``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import sys
 from typing import Any
 
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from ..autoattach import optimizers_over
 from ..finding_log import warn
+from ..findings import GradientBugError
 from ..watcher import UnsupportedSetup, Watcher, watch
 
 AUTO = "auto"
@@ -36,9 +42,13 @@ class GradwatchCallback(TrainerCallback):
         self.watch_kwargs = watch_kwargs
         self.watcher: Watcher | None = None
 
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._guard_train(_calling_trainer())
+
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if self.watcher is not None:  # a second train() call: a new watch
             self.watcher.detach()
+        self._guard_train(_calling_trainer())  # added after __init__: guards the next train() calls
         optimizer = kwargs.get("optimizer")
         optimizers = [optimizer] if optimizer is not None else optimizers_over(model)
         if not optimizers:
@@ -59,6 +69,38 @@ class GradwatchCallback(TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.watcher is not None:
             self.watcher.detach()
+
+    def _guard_train(self, trainer: Trainer | None) -> None:
+        """Detach (end-of-run checks, sinks flushed and closed) when ``trainer.train()`` raises."""
+        if trainer is None or getattr(trainer.train, "_gradwatch_guarded", False):
+            return
+        train = trainer.train
+
+        @functools.wraps(train)
+        def train_then_detach_on_error(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return train(*args, **kwargs)
+            except BaseException:
+                if self.watcher is not None:
+                    with contextlib.suppress(GradientBugError):  # do not mask the error already raised
+                        self.watcher.detach()
+                raise
+
+        train_then_detach_on_error._gradwatch_guarded = True  # type: ignore[attr-defined]
+        trainer.train = train_then_detach_on_error  # type: ignore[method-assign]
+
+
+def _calling_trainer(max_frames: int = 8) -> Trainer | None:
+    """The Trainer whose method (``__init__``, ``train``) is running a callback event, found in the caller frames."""
+    frame = sys._getframe(1)
+    for _ in range(max_frames):
+        frame = frame.f_back
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer):
+            return candidate
+    return None
 
 
 def _tensorboard_dir(args: Any) -> str:
