@@ -38,8 +38,18 @@ def user_frame() -> tuple[int, str, int] | None:
     return None if frame is None else (level, frame.f_code.co_filename, frame.f_lineno)
 
 
-def warn(message: str) -> None:
-    """Issue a GradientWarning attributed to the user's line (the backward(), step() or zero_grad() call)."""
+def user_location() -> tuple[str, int] | None:
+    """(file, line) of the user's call running now, for a finding judged later (at the next step)."""
+    found = user_frame()
+    return FALLBACK_LOCATION if found is None else found[1:]
+
+
+def warn(message: str, where: tuple[str, int] | None = None) -> None:
+    """Issue a GradientWarning attributed to the user's line (the backward(), step() or zero_grad() call), or to
+    ``where`` when the finding was caused by an earlier line."""
+    if where is not None:
+        warnings.warn_explicit(message, GradientWarning, *where)
+        return
     found = user_frame()
     if found is None and FALLBACK_LOCATION is not None:
         warnings.warn_explicit(message, GradientWarning, *FALLBACK_LOCATION)
@@ -86,25 +96,25 @@ class FindingLog:
             self._first_of_kind.setdefault(occ.kind, len(self.findings))
             self._per_kind[occ.kind] = self._per_kind.get(occ.kind, 0) + 1
             self.findings.append(finding)
-            new.append(finding)
+            new.append((finding, occ.where))
             if self._on_new is not None:
                 self._on_new(finding)
         if new:
             self._dispatch(new)
 
-    def _dispatch(self, new: list[Finding]) -> None:
+    def _dispatch(self, new: list[tuple[Finding, tuple[str, int] | None]]) -> None:
         policy = self._on_finding
         if policy == "record":
             return
         if policy == "warn":
-            for finding in new:
-                warn(f"gradwatch: {finding.kind}: {finding.message}")
+            for finding, where in new:
+                warn(f"gradwatch: {finding.kind}: {finding.message}", where)
         elif policy == "raise":
-            bugs = [f for f in new if f.severity != "info"]
+            bugs = [f for f, _ in new if f.severity != "info"]
             if bugs:
                 raise GradientBugError("\n".join(str(f) for f in bugs), tuple(bugs))
         elif callable(policy):
-            for finding in new:
+            for finding, _ in new:
                 try:
                     policy(finding)
                 except GradientBugError:

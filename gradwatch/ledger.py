@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from . import findings as k
 
@@ -42,6 +42,7 @@ class Occurrence:
     step: int
     backward: int
     detail: Mapping[str, object] = field(default_factory=dict)
+    where: tuple[str, int] | None = field(default=None, compare=False)  # the user's line that caused it, if known
 
 
 class Ledger:
@@ -182,11 +183,13 @@ class Ledger:
         perturbed: bool = False,
         count: bool = True,
         before_step: bool = False,
+        where: Callable[[], tuple[str, int] | None] | None = None,
     ) -> list[Occurrence]:
         """The ``.grad`` of ``indices`` was emptied (set to None or zeroed) by ``source``. ``perturbed``: the loop
         moved their weights outside a step since the last step (SAM), so a dropped gradient was used on purpose.
         ``count``: whether this is a new clear (not the rest of one already counted). ``before_step``: found
-        during a step, but done before it began (not a closure's clear)."""
+        during a step, but done before it began (not a closure's clear). ``where``: the clear's line, asked for
+        only when a drop is kept to be judged later (its finding then points at the clear)."""
         dropped: dict[int, list[int]] = {}
         owners, fresh = self.owners, self.fresh
         for i in indices:
@@ -210,7 +213,7 @@ class Ledger:
             self.clears += 1
         out: list[Occurrence] = []
         for owner, params in dropped.items():
-            out += self._judge_drop(owner, params, source)
+            out += self._judge_drop(owner, params, source, where=where)
         return out
 
     def cleared_before(self, drops: Sequence[tuple[int, int, int]], source: str) -> list[Occurrence]:
@@ -240,7 +243,13 @@ class Ledger:
         return out
 
     def _judge_drop(
-        self, owner: int, params: list[int], source: str, passes: int | None = None, last: int | None = None
+        self,
+        owner: int,
+        params: list[int],
+        source: str,
+        passes: int | None = None,
+        last: int | None = None,
+        where: Callable[[], tuple[str, int] | None] | None = None,
     ) -> list[Occurrence]:
         """A clear dropped the fresh contributions ``params`` of optimizer ``owner`` (``passes`` of them, the last
         from pass ``last``; default: all they held): a bug now, or judged at the next step."""
@@ -250,6 +259,8 @@ class Ledger:
             last = max(self.fresh_last[i] for i in params)
         detail = {"source": source, "fresh": passes}
         occurrence = Occurrence(k.DISCARDED, tuple(sorted(params)), self.steps[owner], self.backwards, detail)
+        if where is not None:
+            occurrence = replace(occurrence, where=where())
         if last <= self.newest_consumed_backward:
             # another optimizer stepped on these passes, and this one never steps on passes of its own
             forgotten = replace(occurrence, detail={**detail, "how": "not-stepped", "opt": owner})

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from .finding_log import user_location
 from .ledger import NO_OWNER, Ledger, Occurrence
 from .sinks import Sinks, StepRecord
 from .stats import FiniteChecks, HostBatch, nonfinite_and_zero, nonfinite_positions, read_flags, zero_flags
@@ -570,7 +571,9 @@ class Tracker:
             and ledger.has_unconsumed(indices)
             and self._weights_moved([i for i in indices if ledger.fresh[i]])
         )
-        out = ledger.clear(indices, source, perturbed=perturbed, count=count, before_step=before_step)
+        out = ledger.clear(
+            indices, source, perturbed=perturbed, count=count, before_step=before_step, where=user_location
+        )
         if self._sinks is not None:
             discarded = sum(len(o.params) for o in out)
             self._sinks.call("cleared", self.ledger.backwards, source, len(indices), discarded)

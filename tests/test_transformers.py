@@ -193,14 +193,27 @@ torch.manual_seed(0)
 config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2)
 config.bos_token_id = config.eos_token_id = 0
 model = transformers.GPT2LMHeadModel(config)
-if sys.argv[1:] == ["missing"]:
+bug = sys.argv[1] if len(sys.argv) > 1 else None
+if bug == "missing":
     model.zero_grad = lambda set_to_none=True: None  # the Trainer's own clear removed
+optimizer = None
+if bug == "orphan":
+    optimizer = torch.optim.AdamW([p for n, p in model.named_parameters() if "wpe" not in n], lr=1e-3)
+
+
+class ClearsEveryMicroBatch(transformers.Trainer):
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        model.zero_grad()
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+trainer_cls = ClearsEveryMicroBatch if bug == "clears" else transformers.Trainer
 with tempfile.TemporaryDirectory() as out:
     args = transformers.TrainingArguments(
         output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=2, num_train_epochs=2,
         report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True,
     )
-    transformers.Trainer(model=model, args=args, train_dataset=Tokens(10)).train()
+    trainer_cls(model=model, args=args, train_dataset=Tokens(10), optimizers=(optimizer, None)).train()
 """
 
 
@@ -218,7 +231,14 @@ def test_the_trainer_through_gradwatch_run(tmp_path):
     clean = run()
     assert clean.returncode == 0, clean.stderr
     assert "no findings" in clean.stderr
-    buggy = run("missing")
-    assert buggy.returncode == 1
-    line = next(n for n, text in enumerate(TRAINER_SCRIPT.splitlines(), 1) if ".train()" in text)
-    assert f"{script}:{line}: GradientWarning: gradwatch: uncleared-gradient" in buggy.stderr
+    lines = TRAINER_SCRIPT.splitlines()
+    train_line = next(n for n, text in enumerate(lines, 1) if ".train()" in text)
+    clear_line = next(n for n, text in enumerate(lines, 1) if "model.zero_grad()" in text)
+    for bug, kind, line in [
+        ("missing", "uncleared-gradient", train_line),
+        ("orphan", "orphan-gradient", train_line),
+        ("clears", "discarded-gradient", clear_line),
+    ]:
+        buggy = run(bug)
+        assert buggy.returncode == 1, (bug, buggy.stderr)
+        assert f"{script}:{line}: GradientWarning: gradwatch: {kind}" in buggy.stderr, (bug, buggy.stderr)

@@ -94,6 +94,24 @@ def test_warn_mode_warns_once_per_distinct_finding():
     assert w.findings[0].count == 7
 
 
+def test_a_clear_inside_the_window_is_reported_at_the_clear_not_at_the_step_that_judges_it():
+    model, opt = reference_model()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gradwatch.watch(model, opt, accumulation_steps=2) as w:
+            for i, (x, y) in enumerate(reference_data()):
+                mse(model, x, y, 0.5).backward()
+                if i % 2 == 0:
+                    opt.zero_grad()  # inside the window: drops the first micro-batch
+                else:
+                    opt.step()
+    (discarded,) = [c for c in caught if "discarded-gradient" in str(c.message)]
+    assert [f.kind for f in w.findings if f.kind == "discarded-gradient"] == ["discarded-gradient"]
+    assert discarded.filename == __file__
+    with open(__file__) as source:
+        assert "opt.zero_grad()  # inside the window" in source.read().splitlines()[discarded.lineno - 1]
+
+
 def test_callable_mode_receives_each_new_finding():
     model, opt = reference_model()
     seen = []
