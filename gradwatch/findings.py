@@ -19,6 +19,8 @@ SKIPPED_STEP = "skipped-step"
 REDUNDANT_SYNC = "redundant-sync"
 RANK_DIVERGENCE = "rank-divergence"
 PRE_EXISTING = "pre-existing-gradient"
+LOSS_SCALE = "loss-scale"
+UNEVEN_LOSS_WEIGHTS = "uneven-loss-weights"
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ CATALOGUE: Mapping[str, KindInfo] = {
     REDUNDANT_SYNC: KindInfo("warning", "step"),
     RANK_DIVERGENCE: KindInfo("error", "step"),
     PRE_EXISTING: KindInfo("warning", "step"),
+    LOSS_SCALE: KindInfo("warning", "step"),
+    UNEVEN_LOSS_WEIGHTS: KindInfo("warning", "step"),
 }
 SEVERITY: Mapping[str, str] = {kind: info.severity for kind, info in CATALOGUE.items()}
 KINDS: tuple[str, ...] = tuple(CATALOGUE)
@@ -131,6 +135,33 @@ _MESSAGES: Mapping[str | tuple[str, str], str] = {
         "called (a sanity-check backward, or an earlier run, left it there), so the step applied it together with "
         "the loop's own. Clear the gradients (optimizer.zero_grad()) before the training loop, and call watch() "
         "before the first backward() so that gradwatch sees where every gradient comes from."
+    ),
+    (LOSS_SCALE, "unscaled"): (
+        "the {loss} of each of the {passes} backward passes that optimizer step {step} consumed reached backward() "
+        "undivided, so the step applied the sum of {passes} mean gradients: {factor}x the window's mean (a learning "
+        "rate {factor}x too large). Divide each micro-batch's loss by the accumulation steps before backward()."
+    ),
+    (LOSS_SCALE, "twice"): (
+        "optimizer step {step} applied {factor} of its window's mean gradient: the {loss} of each of its {passes} "
+        "backward passes was divided by the accumulation steps twice (by the loop and again by a framework, as "
+        "accelerator.backward() and Lightning do). Divide it once."
+    ),
+    (LOSS_SCALE, "short"): (
+        "the short window of {passes} backward pass(es) that optimizer step {step} consumed had its {loss} divided by "
+        "accumulation_steps={accumulation}, so the step applied {factor} of the window's mean gradient (its batches "
+        "count less than the others). Divide the loss of a short window by its real size ({passes}), or sum the "
+        "per-element losses and divide by the window's element count."
+    ),
+    (UNEVEN_LOSS_WEIGHTS, "mean"): (
+        "in the window optimizer step {step} consumed, the {loss} elements of backward pass {heavy} weigh {ratio}x "
+        "those of backward pass {light}: each micro-batch's loss is a mean over its own {n_heavy} vs {n_light} "
+        "elements (a mean of means). Sum the per-element losses (reduction='sum') and divide by the window's element "
+        "count (as Hugging Face's num_items_in_batch does), so that every element weighs the same."
+    ),
+    (UNEVEN_LOSS_WEIGHTS, "other"): (
+        "in the window optimizer step {step} consumed, the {loss} elements of backward pass {heavy} weigh {ratio}x "
+        "those of backward pass {light} ({n_heavy} vs {n_light} elements). Divide every micro-batch's loss by the same "
+        "number, the window's element count, so that every element weighs the same."
     ),
     RANK_DIVERGENCE: (
         "the ranks disagree at optimizer step {step}: {detail}. Every rank must run the same number of backward "

@@ -17,8 +17,18 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 import torch
 
 from .findings import GradientBugError
+from .loss_audit import LOSS_ARGUMENTS
+
+LOSS_FUNCTIONS = tuple(LOSS_ARGUMENTS)
 
 _current_task: Callable[[], int] = getattr(torch._C, "_current_graph_task_id", lambda: 0)
+
+
+def current_graph_task() -> int:
+    """The autograd graph task running on this thread (-1 outside a backward pass)."""
+    return _current_task()
+
+
 _queue_callback = torch.autograd.Variable._execution_engine.queue_callback
 COMPILED_AUTOGRAD = (
     "compiled autograd is not supported: its traced backward replays the hooks outside the autograd engine's "
@@ -48,6 +58,8 @@ class Receiver(Protocol):
     def on_step_in_backward(
         self, grads: dict[int, torch.Tensor | None], opt_index: int, optimizer: torch.optim.Optimizer
     ) -> None: ...
+    def on_loss(self, loss: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any: ...
+    def on_loss_reached(self, call: Any, grad: torch.Tensor, task: int) -> None: ...
     def internal_error(self, error: BaseException, where: str) -> None: ...
     def unsupported(self, reason: str) -> None: ...
     def optimizer_lost(self, opt_index: int) -> None: ...
@@ -58,6 +70,8 @@ class Receiver(Protocol):
     pending_stop: str | None  # a reason to stop checking, noted where no warning may be issued
 
     measuring_contributions: bool  # whether the tensor pre-hooks measure incoming gradients now
+
+    auditing_losses: bool  # whether the loss calls of the coming window are audited
 
 
 def _guard(receiver: Receiver, where: str, call: Callable[..., Any], *args: Any) -> Any:
@@ -429,6 +443,32 @@ def _clipping(how: str) -> Callable[[Callable[..., Any], Watches], Callable[...,
     return make
 
 
+def _loss_function(name: str) -> Callable[[Callable[..., Any], Watches], Callable[..., Any]]:
+    def make(original: Callable[..., Any], watches: Watches) -> Callable[..., Any]:
+        def loss(*args: Any, **kwargs: Any) -> Any:
+            output = original(*args, **kwargs)
+            if not isinstance(output, torch.Tensor) or not output.requires_grad or _is_compiling():
+                return output
+            for hooks in watches:
+                receiver = hooks.receiver
+                if receiver.auditing_losses:
+                    call = _guard(receiver, name, receiver.on_loss, name, args, kwargs)
+                    if call is not None:
+                        _guard(receiver, name, output.register_hook, functools.partial(_loss_reached, receiver, call))
+            return output
+
+        return loss
+
+    return make
+
+
+def _loss_reached(receiver: Receiver, call: Any, grad: torch.Tensor) -> None:
+    _guard_in_backward(receiver, receiver.on_loss_reached, call, grad, _current_task())
+
+
+_is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)  # since 2.3
+
+
 SWAPPED = (
     "torch.utils.swap_tensors swapped a watched parameter or gradient (model.to() or load_state_dict() under "
     "torch.__future__.set_swap_module_params_on_conversion(True), FSDP2, parametrizations), which takes the "
@@ -466,6 +506,8 @@ def _global_patches() -> list[_GlobalPatch]:
 
 
 _GLOBAL_PATCHES = _global_patches()
+# the losses of torch.nn.functional (nn.*Loss modules and Hugging Face models call them through the module)
+LOSS_PATCHES = [_GlobalPatch(torch.nn.functional, name, _loss_function(name)) for name in LOSS_FUNCTIONS]
 
 
 def _optimizer_gone(hooks_ref: weakref.ref[HookSet], opt_index: int, _: Any) -> None:
@@ -500,11 +542,13 @@ class HookSet:
         params: Iterable[tuple[int, torch.Tensor]],
         optimizers: Sequence[torch.optim.Optimizer],
         contribution_norms: bool = False,
+        audit_losses: bool = False,
     ) -> None:
         """Hook each (index, parameter) that requires grad, each optimizer's step, zero_grad and add_param_group,
         and the global patches. Frozen parameters are hooked before the first step that finds them unfrozen.
 
-        ``contribution_norms`` adds a tensor pre-hook per parameter that measures each incoming gradient.
+        ``contribution_norms`` adds a tensor pre-hook per parameter that measures each incoming gradient;
+        ``audit_losses`` wraps the loss functions of ``torch.nn.functional``.
         """
         self.active = True
         self._contribution_norms = contribution_norms
@@ -520,7 +564,7 @@ class HookSet:
                 self._wrap(optimizer, "add_param_group", opt_index, None, _after_add_param_group)
                 gone = functools.partial(_optimizer_gone, weakref.ref(self), opt_index)
                 self._optimizer_indices[id(optimizer)] = (weakref.ref(optimizer, gone), opt_index)
-            for patch in _GLOBAL_PATCHES:
+            for patch in _GLOBAL_PATCHES + (LOSS_PATCHES if audit_losses else []):
                 patch.add(self)
         except BaseException:
             self.remove()
@@ -566,7 +610,7 @@ class HookSet:
             return
         self.receiver.optimizer_lost(opt_index)
         if all(ref() is None for ref, _ in self._optimizer_indices.values()):
-            for patch in _GLOBAL_PATCHES:  # nothing left to step: the global dispatchers forget this watch
+            for patch in _GLOBAL_PATCHES + LOSS_PATCHES:  # nothing left to step: the dispatchers forget this watch
                 patch.discard(self)
             self._on_all_optimizers_gone()
 
@@ -597,5 +641,5 @@ class HookSet:
                     setattr(optimizer, name, previous)
         self._wrapped.clear()
         self._optimizer_indices.clear()
-        for patch in _GLOBAL_PATCHES:
+        for patch in _GLOBAL_PATCHES + LOSS_PATCHES:
             patch.discard(self)

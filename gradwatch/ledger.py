@@ -33,7 +33,7 @@ NO_OWNER = -1
 SILENT, REPORTED = 1, 2  # how a gradient found in .grad when watched was adopted
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Occurrence:
     """One occurrence of a finding kind, in parameter indices."""
 

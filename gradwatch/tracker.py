@@ -19,12 +19,16 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from .finding_log import user_location
+from .findings import ACCUMULATION_MISMATCH, DISCARDED, EMPTY_STEP, STALE
+from .hooks import current_graph_task
 from .ledger import NO_OWNER, Ledger, Occurrence
+from .loss_audit import LossAudit, LossCall, describe_call
 from .sinks import Sinks, StepRecord
 from .stats import FiniteChecks, HostBatch, nonfinite_and_zero, nonfinite_positions, read_flags, zero_flags
 
 Emit = Callable[[list[Occurrence]], None]
 SET_TO_NONE = ".grad set to None (or replaced)"
+WINDOW_KINDS = (ACCUMULATION_MISMATCH, DISCARDED, EMPTY_STEP, STALE)  # a window wrong in size or content
 ZEROED_BY_HAND = ".grad zeroed in place by hand (p.grad.zero_())"
 
 
@@ -46,6 +50,7 @@ class Tracker:
         on_new_params: Callable[[list[str]], None] = lambda names: None,
         ddp: torch.nn.Module | None = None,
         count_syncs: bool = True,
+        audit_losses: bool = False,
     ) -> None:
         n = len(params)
         self.ledger = Ledger(owners, len(optimizers), accumulation_steps)
@@ -80,6 +85,8 @@ class Tracker:
         self._clear_counted = False  # the running pass noticed a clear by hand already
         self.pending_stop: str | None = None  # a reason to stop, found where no warning may be issued (GC)
         self.stopped = False
+        self._audit = LossAudit() if audit_losses else None
+        self.auditing_losses = audit_losses
 
     # -- Receiver ----------------------------------------------------------------------------------
     def on_backward_start(self, index: int, param: torch.Tensor) -> None:
@@ -134,7 +141,57 @@ class Tracker:
         continuing, self._continuing_pass = self._continuing_pass, False
         if not self.stopped:
             self._emit(self._book_pass(grads, incoming, continuing))
+            if self._audit is not None:
+                self._audit.pass_ended(self.ledger.backwards - 1, current_graph_task())
         self._clear_counted = False
+
+    def on_loss(self, loss: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> LossCall | None:
+        """A loss function was called and its output requires grad: a call to audit, or None."""
+        if self.stopped or self._audit is None:
+            return None
+        described = describe_call(loss, args, kwargs)
+        return None if described is None else self._audit.called(loss, described)
+
+    def on_loss_reached(self, call: LossCall, grad: torch.Tensor, task: int) -> None:
+        """A backward pass (graph task ``task``) reached an audited loss output with ``grad``."""
+        if self._audit is not None and not self.stopped:
+            self._audit.reached(call, grad, task)
+
+    def _loss_window(self, opt_index: int, consumed: list[tuple[int, torch.Tensor]]) -> tuple[int, ...] | None:
+        """(step, first pass, last pass, passes) of the window a step consumes, if its loss calls are to be judged
+        (taken before the ledger books the step)."""
+        audit, ledger = self._audit, self.ledger
+        if audit is None or not audit.pending():
+            return None
+        fresh = [i for i, _ in consumed if ledger.fresh[i]]
+        if not fresh or opt_index in ledger.unknown_window:
+            return None
+        first = min(ledger.fresh_first[i] for i in fresh)
+        last = max(ledger.fresh_last[i] for i in fresh)
+        return ledger.steps[opt_index], first, last, max(ledger.fresh[i] for i in fresh)
+
+    def _judge_losses(
+        self, opt_index: int, window: tuple[int, ...] | None, booked: list[Occurrence]
+    ) -> list[Occurrence]:
+        """The loss weights of the window a step consumed; ``booked``: what the ledger found in that window (a
+        window already wrong in size or content is not also reported for its weights)."""
+        audit = self._audit
+        if audit is None:
+            return []
+        audit.step_done(max(self.ledger.steps))
+        self.auditing_losses = audit.due
+        if window is None:
+            return []
+        step, first, last, passes = window
+        if any(occ.kind in WINDOW_KINDS for occ in booked):
+            audit.discard(last)
+            return []
+        scaler = self._scaler() if self._scaler is not None else None
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        out, weights = audit.judge(opt_index, step, first, last, passes, self.ledger.accumulation_steps, scale)
+        if weights is not None and self._sinks is not None:
+            self._sinks.call("loss_weights", weights)
+        return out
 
     def _changed_in_place(self, i: int) -> bool:
         """Whether parameter ``i``'s ``.grad`` is the tensor we last saw, changed in place since then (never under
@@ -312,6 +369,7 @@ class Tracker:
             del self._zeroed[i]
         out = self._resolve_zeroed_fresh() if self._zeroed_fresh else []
         consumed, changed = self._scan_after_step(params)
+        window = self._loss_window(opt_index, consumed) if self._audit is not None else None
         if self._sinks is None:
             zero = None
             if not self._check_every_backward:
@@ -323,9 +381,11 @@ class Tracker:
             zeroed = self._hand_zeroed(consumed, changed, zero) if changed else []
             if zeroed:
                 out += self._clear(zeroed, ZEROED_BY_HAND, before_step=True)
-            self._emit(out + ledger.step_end(opt_index, indices))
+            booked = ledger.step_end(opt_index, indices)
+            self._emit(out + booked + self._judge_losses(opt_index, window, booked))
             return
-        self._emit(out + self._step_with_sinks(self._sinks, opt_index, params, consumed, changed))
+        booked = self._step_with_sinks(self._sinks, opt_index, params, consumed, changed)
+        self._emit(out + booked + self._judge_losses(opt_index, window, booked))
 
     def _step_with_sinks(
         self,

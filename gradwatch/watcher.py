@@ -43,6 +43,7 @@ class Watcher:
         finite_check: str = "step",
         sinks: Sequence[Sink] = (),
         scaler: Any = None,
+        audit_losses: bool = True,
     ) -> None:
         ddp = model if isinstance(model, DDP) else None
         params, names, owners = _collect(model.module if ddp is not None else model, optimizers)
@@ -65,6 +66,7 @@ class Watcher:
             on_new_params=self._log.add_names,
             ddp=ddp,
             count_syncs=world_size is not None,  # one rank: DDP's all-reduce communicates nothing
+            audit_losses=audit_losses,
         )
         self._tracker.adopt_existing_gradients(report=True)  # reported if a step consumes it
         # closes the sinks once, whichever comes first: detach(), or every optimizer (and the watch) collected
@@ -81,6 +83,7 @@ class Watcher:
             enumerate(params),
             optimizers,
             contribution_norms=self._sinks.wants_contributions(),
+            audit_losses=audit_losses,
         )
         _watched.update([model, *optimizers])
         self._attached = True
@@ -192,6 +195,7 @@ def watch(
     trace: str | os.PathLike[str] | None = None,
     tensorboard: TensorBoardOptions | None = None,
     scaler: Any = None,
+    audit_losses: bool = True,
 ) -> Watcher:
     """Watch ``model``'s gradients from ``backward()`` through ``optimizer.step()`` to ``zero_grad()``.
 
@@ -205,6 +209,8 @@ def watch(
     the cost of one batched norm per backward pass).
     ``scaler`` is the run's ``torch.amp.GradScaler``: optional (any GradScaler that steps a watched optimizer is
     recognised), it lets a clip before ``scaler.unscale_()`` be reported at the clipping call from the first step.
+    ``audit_losses`` weighs the loss functions of ``torch.nn.functional`` (``loss-scale``,
+    ``uneven-loss-weights``): each window's elements must weigh the same and sum to the window's mean.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"watch() expects a torch.nn.Module as model, got {type(model).__name__}")
@@ -229,6 +235,8 @@ def watch(
         raise TypeError(f"tensorboard must be a gradwatch.TensorBoardOptions, got {type(tensorboard).__name__}")
     if trace is not None and not isinstance(trace, (str, os.PathLike)):
         raise TypeError(f"trace must be a str or os.PathLike path, got {type(trace).__name__}")
+    if not isinstance(audit_losses, bool):
+        raise TypeError(f"audit_losses must be True or False, got {type(audit_losses).__name__}")
     if scaler is not None and not isinstance(scaler, GRAD_SCALER):
         raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
     for target in (model, *optimizers):
@@ -257,7 +265,7 @@ def watch(
         where = os.fspath(logdir if logdir is not None else trace)  # type: ignore[arg-type]
         raise ValueError(f"cannot write gradwatch's logs at {where!r}: {error}") from None
     try:
-        return Watcher(model, optimizers, accumulation_steps, on_finding, finite_check, sinks, scaler)
+        return Watcher(model, optimizers, accumulation_steps, on_finding, finite_check, sinks, scaler, audit_losses)
     except BaseException:
         for sink in sinks:  # nothing may outlive a watch() that failed: no writer thread, no open file
             with contextlib.suppress(Exception):

@@ -64,6 +64,12 @@ def mse(model, inputs, labels, scale: float = 1.0) -> torch.Tensor:
     return torch.nn.functional.mse_loss(model(inputs), labels) / scale
 
 
+def window_size(i: int, n: int, accumulation: int) -> int:
+    """Micro-batches in the window holding micro-batch ``i`` of an epoch of ``n`` (the last one may be short):
+    what each micro-batch's loss is divided by, so that every window's gradient is its mean."""
+    return min(accumulation, n - (i // accumulation) * accumulation)
+
+
 def gan():
     """A tiny GAN container (generator 'g', discriminator 'd') with one optimizer each, and its batches."""
     torch.manual_seed(0)

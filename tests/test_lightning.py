@@ -60,10 +60,13 @@ def test_clean_fit_with_accumulation(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning:pytorch_lightning")
-def test_epoch_ending_on_a_short_window_is_not_a_mismatch(tmp_path):
-    watcher = _fit(tmp_path, Regressor(), batches=7)
-    assert watcher.findings == []
+def test_epoch_ending_on_a_short_window_is_no_mismatch_but_lightning_scales_its_loss_by_the_full_window(tmp_path):
+    watcher = _fit(tmp_path, Regressor(), batches=7, on_finding="record")
     assert watcher._tracker.ledger.steps == [8]  # 4 per epoch, the last one on a single batch
+    # Lightning divides every loss by accumulate_grad_batches, the short window's too (Lightning issue 19987)
+    (finding,) = watcher.findings
+    assert (finding.kind, finding.step, finding.count) == ("loss-scale", 3, 2)
+    assert "applied 0.5 of the window's mean gradient" in finding.message
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning:pytorch_lightning")

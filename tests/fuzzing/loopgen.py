@@ -26,6 +26,8 @@ MUTATIONS = (
     "head-never-stepped",
     "head-every-other",
     "tail-never-stepped",
+    "unscaled-loss",
+    "short-window-by-acc",
 )
 BODY = ("inp.weight", "inp.bias", "mid.weight", "mid.bias", "mid2.weight", "mid2.bias")
 HEAD = ("out.weight", "out.bias")
@@ -137,6 +139,10 @@ def applicable(spec: LoopSpec, mutation: str) -> bool:
         return spec.two_opts and total_steps(spec) >= 2 + (mutation == "head-every-other")
     if mutation == "tail-never-stepped":
         return spec.acc >= 2 and spec.epoch_len % spec.acc != 0 and full_windows >= 1
+    if mutation == "unscaled-loss":
+        return spec.acc >= 2 and full_windows >= 1
+    if mutation == "short-window-by-acc":  # a short window is one only against the declared window size
+        return spec.declare and spec.acc >= 2 and spec.epoch_len % spec.acc != 0 and full_windows >= 1
     raise ValueError(mutation)
 
 
@@ -165,6 +171,8 @@ def expected(spec: LoopSpec) -> Expectation | None:
         "head-never-stepped": Expectation(("discarded-gradient",), HEAD),
         "head-every-other": Expectation(("discarded-gradient",), HEAD),
         "tail-never-stepped": Expectation(("dangling-gradient",), first),
+        "unscaled-loss": Expectation(("loss-scale",)),
+        "short-window-by-acc": Expectation(("loss-scale",)),
     }[m]
 
 
@@ -294,13 +302,15 @@ def render(spec: LoopSpec) -> str:
         step_lines.append("if k == 0:\n    clear(model, opts)\n    opts[0].step()  # a window with no backward pass")
     step_lines.append("k += 1")
 
-    forward = "    loss = torch.nn.functional.mse_loss(model(x), y) / ACC"
+    # each micro-batch's loss divided by the size of its window (an epoch's short last one too)
+    scale = {"unscaled-loss": "", "short-window-by-acc": " / ACC"}.get(m, " / min(ACC, len(data) - i // ACC * ACC)")  # type: ignore[arg-type]
+    forward = f"    loss = torch.nn.functional.mse_loss(model(x), y){scale}"
     if s.autocast:
         forward = "\n".join(
             [
                 "    with torch.autocast('cpu', dtype=torch.bfloat16):",
                 "        out = model(x)",
-                "    loss = torch.nn.functional.mse_loss(out.float(), y) / ACC",
+                f"    loss = torch.nn.functional.mse_loss(out.float(), y){scale}",
             ]
         )
     backward = "    scaler.scale(loss).backward()" if s.scaler else "    loss.backward()"

@@ -168,7 +168,7 @@ def test_tied_weights():
     with watch(model, opt, accumulation_steps=ACC) as w:
         for i in range(8):
             logits = model(tokens[i])
-            torch.nn.functional.cross_entropy(logits.reshape(-1, 20), tokens[i].reshape(-1)).backward()
+            (torch.nn.functional.cross_entropy(logits.reshape(-1, 20), tokens[i].reshape(-1)) / ACC).backward()
             if (i + 1) % ACC == 0:
                 opt.step()
                 opt.zero_grad()

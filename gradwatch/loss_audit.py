@@ -1,0 +1,257 @@
+"""The loss-weight audit: the weight each counted element of a loss carries in the window's gradient.
+
+A loss call audited (``torch.nn.functional``'s losses, wrapped by ``hooks.py``) leaves a ``LossCall``: the
+elements its reduction counts (``mean``: non-ignored targets, class-weight sum or ``numel``; ``sum``: each
+element weighs 1), and, once the backward pass reaches its output, the scalar that flowed into it (for
+``(loss / K).backward()`` it is 1/K). Both stay on the device until the step that consumes the window, which
+reads them in one transfer and judges the window:
+
+- ``uneven-loss-weights``: within one loss (a *slot*: the k-th call of one loss function in a pass), the
+  elements of one pass weigh more than those of another (each micro-batch normalised by its own count);
+- ``loss-scale``: the window's total weight is not 1 (the window's gradient is not its mean), and the factor
+  is one a loop makes by mistake: K (never divided), 1/K (divided twice), m/K (a short window of m passes
+  divided by K). Other factors are coefficients (``0.1 * aux``) and stay quiet, as does a window of several
+  losses.
+
+The bugs are systematic, so the first windows are audited and then one in ``AUDIT_EVERY``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from . import findings as k
+from .ledger import Occurrence
+from .stats import HostBatch
+
+AUDIT_FIRST = 8  # steps whose windows are all audited
+AUDIT_EVERY = 16  # then the window of every this-many-th step
+TOLERANCE = 0.02  # weights within 2 % are the same weight
+_CLASS_TARGETS = ("cross_entropy", "nll_loss")
+# the functions audited, with their arguments' positions (torch.nn.functional's signatures since 2.1)
+LOSS_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "cross_entropy": ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction"),
+    "nll_loss": ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction"),
+    "mse_loss": ("input", "target", "size_average", "reduce", "reduction", "weight"),
+    "l1_loss": ("input", "target", "size_average", "reduce", "reduction", "weight"),
+    "smooth_l1_loss": ("input", "target", "size_average", "reduce", "reduction"),
+    "huber_loss": ("input", "target", "reduction", "delta", "weight"),
+    "binary_cross_entropy": ("input", "target", "weight", "size_average", "reduce", "reduction"),
+    "binary_cross_entropy_with_logits": ("input", "target", "weight", "size_average", "reduce", "reduction"),
+}
+
+
+@dataclass
+class LossCall:
+    """One audited call of a loss function whose output requires grad."""
+
+    loss: str
+    ordinal: int  # its place among the calls of that function since the last backward pass
+    reduction: str
+    count: torch.Tensor | float  # the elements the reduction counts (the class-weight sum under ``weight=``)
+    mask: torch.Tensor | None  # ``reduction='none'`` with ``ignore_index``: the elements that count
+    upstream: torch.Tensor | None = None  # mean/sum: the scalar into the output; none: [total, max, min, n]
+    task: int = -1  # the autograd graph task that reached the output
+
+
+@dataclass(frozen=True)
+class WindowWeights:
+    """What a window's loss calls weighed, read at its step (for the trace and TensorBoard)."""
+
+    optimizer: int
+    step: int
+    weight_sum: float | None  # the window's total weight (1.0: its gradient is the mean); None: several losses
+    weight_ratio: float  # heaviest / lightest element of one loss in the window (1.0: even)
+    passes: tuple[tuple[int, tuple[tuple[str, str, float, float], ...]], ...]  # (pass, (loss, reduction, n, w))
+
+
+def _argument(args: Sequence[Any], kwargs: dict[str, Any], names: tuple[str, ...], name: str, default: Any) -> Any:
+    position = names.index(name) if name in names else len(args)
+    return args[position] if position < len(args) else kwargs.get(name, default)
+
+
+def describe_call(loss: str, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """(reduction, count, mask) of a loss call, on the device; None for a call the audit cannot weigh (legacy
+    ``size_average``/``reduce``, an element-weighted regression loss, an unknown reduction)."""
+    names = LOSS_ARGUMENTS[loss]
+    if _argument(args, kwargs, names, "size_average", None) is not None:
+        return None
+    if _argument(args, kwargs, names, "reduce", None) is not None:
+        return None
+    reduction = _argument(args, kwargs, names, "reduction", "mean")
+    if reduction not in ("mean", "sum", "none"):
+        return None
+    input, target = _argument(args, kwargs, names, "input", None), _argument(args, kwargs, names, "target", None)
+    if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
+        return None
+    weight = _argument(args, kwargs, names, "weight", None)
+    if loss in _CLASS_TARGETS and not target.is_floating_point():
+        valid = target != _argument(args, kwargs, names, "ignore_index", -100)
+        if weight is None:
+            return reduction, valid.sum(), valid
+        weights = weight[target.masked_fill(~valid, 0)] * valid
+        return reduction, weights.sum(), valid
+    if loss in _CLASS_TARGETS:  # class probabilities: the mean is over the batch
+        return reduction, float(input.numel() // input.shape[1] if input.dim() > 1 else 1), None
+    if weight is not None and not loss.startswith("binary_cross_entropy"):
+        return None  # per-element weights of a regression loss: deliberate, and normalised its own way
+    return reduction, float(math.prod(torch.broadcast_shapes(input.shape, target.shape))), None
+
+
+def upstream_of(call: LossCall, grad: torch.Tensor) -> torch.Tensor:
+    """What the backward pass put into the output, reduced on the device: the scalar for mean/sum, and
+    [total, max, min, count] over the elements that count for ``none``."""
+    grad = grad.detach()
+    if call.reduction != "none":
+        return grad.reshape(-1)[:1].float()
+    counted = grad != 0
+    if call.mask is not None and call.mask.shape == grad.shape:
+        counted &= call.mask
+    values = grad.float()
+    if not values.numel():
+        return torch.zeros(4, device=grad.device)
+    highest = values.masked_fill(~counted, -math.inf).max()
+    lowest = values.masked_fill(~counted, math.inf).min()
+    return torch.stack([(values * counted).sum(), highest, lowest, counted.sum().float()])
+
+
+class LossAudit:
+    """Loss calls by backward pass, judged at the step that consumes their window."""
+
+    def __init__(self) -> None:
+        self.due = True  # whether the calls of the coming window are audited
+        self._ordinals: dict[str, int] = {}
+        self._reached: list[LossCall] = []  # outputs the running (or a foreign) graph task reached
+        self._by_pass: dict[int, list[LossCall]] = {}
+
+    def called(self, loss: str, described: tuple[str, Any, Any]) -> LossCall:
+        """A loss call to audit (its output requires grad)."""
+        ordinal = self._ordinals.get(loss, 0)
+        self._ordinals[loss] = ordinal + 1
+        reduction, count, mask = described
+        return LossCall(loss, ordinal, reduction, count, mask)
+
+    def reached(self, call: LossCall, grad: torch.Tensor, task: int) -> None:
+        """A backward pass (graph task ``task``) reached the call's output with ``grad``."""
+        with torch.no_grad():
+            call.upstream = upstream_of(call, grad)
+        call.task = task
+        self._reached.append(call)
+
+    def pass_ended(self, backward: int, task: int) -> None:
+        """Backward pass ``backward`` (graph task ``task``) was booked: it owns the calls its task reached."""
+        reached, self._reached = self._reached, []
+        mine = [call for call in reached if call.task == task]
+        if mine:
+            self._by_pass.setdefault(backward, []).extend(mine)
+        self._ordinals.clear()
+
+    def pending(self) -> bool:
+        return bool(self._by_pass)
+
+    def step_done(self, steps: int) -> None:
+        """A step finished (``steps`` so far): audit the next window or not."""
+        self.due = steps < AUDIT_FIRST or steps % AUDIT_EVERY == 0
+
+    def discard(self, last: int) -> None:
+        """Forget the calls of passes up to ``last`` (dropped, or consumed by a step not audited)."""
+        for b in [b for b in self._by_pass if b <= last]:
+            del self._by_pass[b]
+
+    def judge(
+        self, optimizer: int, step: int, first: int, last: int, passes: int, accumulation: int | None, scale: float
+    ) -> tuple[list[Occurrence], WindowWeights | None]:
+        """The window of passes ``first``..``last`` (``passes`` of them) consumed by ``optimizer``'s step ``step``;
+        ``scale``: a GradScaler's loss scale (1.0 without)."""
+        calls = [(b, call) for b in range(first, last + 1) for call in self._by_pass.get(b, ())]
+        self.discard(last)
+        calls = [(b, call) for b, call in calls if call.upstream is not None]
+        if not calls:
+            return [], None
+        batch = HostBatch()
+        getters = [
+            (batch.vector(call.upstream), batch.vector(call.count) if isinstance(call.count, torch.Tensor) else None)
+            for _, call in calls
+        ]
+        batch.read()
+        weighed = []  # (pass, call, elements, weight of one element or None if uneven within, total)
+        for (b, call), (upstream, count) in zip(calls, getters, strict=True):
+            up = upstream()
+            n = count()[0] if count is not None else float(call.count)  # type: ignore[arg-type]
+            if call.reduction == "none":
+                total, highest, lowest, n = up
+                even = n > 0 and lowest > 0 and highest <= lowest * (1 + TOLERANCE)
+                weighed.append((b, call, n, highest if even else None, total / scale))
+            elif n > 0:
+                unit = up[0] / n if call.reduction == "mean" else up[0]
+                weighed.append((b, call, n, unit / scale, up[0] * (1 if call.reduction == "mean" else n) / scale))
+        out = [*self._uneven(weighed, step, last), *self._scaled(weighed, step, last, passes, accumulation)]
+        slots = {(call.loss, call.ordinal) for _, call, *_ in weighed}
+        units = [w for *_, w, _ in weighed if w]
+        summary = WindowWeights(
+            optimizer,
+            step,
+            sum(total for *_, total in weighed) if len(slots) == 1 else None,
+            max(units) / min(units) if units and min(units) > 0 else 1.0,
+            tuple(
+                (b, tuple((c.loss, c.reduction, n, total) for bb, c, n, _, total in weighed if bb == b))
+                for b in sorted({b for b, *_ in weighed})
+            ),
+        )
+        return out, summary
+
+    def _uneven(self, weighed: list, step: int, last: int) -> list[Occurrence]:
+        by_slot: dict[tuple[str, int], list] = {}
+        for entry in weighed:
+            if entry[3]:
+                by_slot.setdefault((entry[1].loss, entry[1].ordinal), []).append(entry)
+        for (loss, _), entries in by_slot.items():
+            heavy = max(entries, key=lambda e: e[3])
+            light = min(entries, key=lambda e: e[3])
+            if heavy[0] == light[0] or heavy[3] <= light[3] * (1 + TOLERANCE):
+                continue
+            detail = {
+                "how": "mean" if heavy[1].reduction == "mean" and light[1].reduction == "mean" else "other",
+                "loss": loss,
+                "ratio": f"{heavy[3] / light[3]:.3g}",
+                "heavy": heavy[0],
+                "light": light[0],
+                "n_heavy": f"{heavy[2]:g}",
+                "n_light": f"{light[2]:g}",
+            }
+            return [Occurrence(k.UNEVEN_LOSS_WEIGHTS, (), step, last, detail)]
+        return []
+
+    def _scaled(self, weighed: list, step: int, last: int, passes: int, accumulation: int | None) -> list[Occurrence]:
+        slots = {(call.loss, call.ordinal) for _, call, *_ in weighed}
+        per_pass = [b for b, *_ in weighed]
+        if len(slots) != 1 or len(per_pass) != passes or len(set(per_pass)) != passes:
+            return []  # several losses (their coefficients are the loop's choice), or a pass not audited
+        total = sum(entry[4] for entry in weighed)
+        how = _mistake(total, passes, accumulation)
+        if how is None:
+            return []
+        loss = next(iter(slots))[0]
+        detail = {"how": how, "loss": loss, "factor": f"{total:.3g}", "passes": passes, "accumulation": accumulation}
+        return [Occurrence(k.LOSS_SCALE, (), step, last, detail)]
+
+
+def _mistake(total: float, passes: int, accumulation: int | None) -> str | None:
+    """The mistake a window's total weight ``total`` betrays, if it is one a loop makes."""
+
+    def near(value: float) -> bool:
+        return abs(total - value) <= TOLERANCE * value
+
+    if near(1.0):
+        return None
+    if passes > 1 and near(passes):
+        return "unscaled"
+    if passes > 1 and near(1 / passes):
+        return "twice"
+    if accumulation is not None and passes < accumulation and near(passes / accumulation):
+        return "short"
+    return None
