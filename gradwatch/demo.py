@@ -20,6 +20,8 @@ BUGS = {
     "partial-window": "7 batches: the last window is never stepped on",
     "orphan-layer": "a second layer whose parameters are not in the optimizer",
     "nan": "a NaN batch whose gradient is kept and consumed",
+    "unscaled-loss": "the loss never divided by accumulation_steps (each step applies twice the mean gradient)",
+    "mean-of-means": "batches of 4, 2, 4, 3, ...: each batch's mean loss / 2 (small batches weigh more)",
 }
 
 
@@ -33,7 +35,8 @@ def run_demo(bug: str = "none", logdir: str | os.PathLike[str] | None = None, se
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.01)
     criterion = torch.nn.MSELoss()
     batches = 7 if bug == "partial-window" else 8
-    dataloader = [(torch.randn(4, 10), torch.randn(4, 1)) for _ in range(batches)]
+    sizes = [4, 2, 4, 3, 4, 1, 4, 4] if bug == "mean-of-means" else [4] * batches
+    dataloader = [(torch.randn(n, 10), torch.randn(n, 1)) for n in sizes]
     if bug == "nan":
         dataloader[3] = (torch.full((4, 10), float("nan")), dataloader[3][1])
     every = 3 if bug == "wrong-window" else ACCUMULATION_STEPS
@@ -43,7 +46,9 @@ def run_demo(bug: str = "none", logdir: str | os.PathLike[str] | None = None, se
         for i, (inputs, labels) in enumerate(dataloader):
             if bug == "zero-grad-in-window":
                 optimizer.zero_grad()
-            loss = criterion(model(inputs), labels) / ACCUMULATION_STEPS
+            loss = criterion(model(inputs), labels)
+            if bug != "unscaled-loss":
+                loss = loss / ACCUMULATION_STEPS
             if bug != "no-backward":
                 loss.backward()
             if bug == "nan" and not torch.isfinite(loss):

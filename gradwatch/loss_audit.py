@@ -26,6 +26,7 @@ import torch
 
 from . import findings as k
 from .ledger import Occurrence
+from .sinks import LossWeights
 from .stats import HostBatch
 
 AUDIT_FIRST = 8  # steps whose windows are all audited
@@ -56,17 +57,6 @@ class LossCall:
     mask: torch.Tensor | None  # ``reduction='none'`` with ``ignore_index``: the elements that count
     upstream: torch.Tensor | None = None  # mean/sum: the scalar into the output; none: [total, max, min, n]
     task: int = -1  # the autograd graph task that reached the output
-
-
-@dataclass(frozen=True)
-class WindowWeights:
-    """What a window's loss calls weighed, read at its step (for the trace and TensorBoard)."""
-
-    optimizer: int
-    step: int
-    weight_sum: float | None  # the window's total weight (1.0: its gradient is the mean); None: several losses
-    weight_ratio: float  # heaviest / lightest element of one loss in the window (1.0: even)
-    passes: tuple[tuple[int, tuple[tuple[str, str, float, float], ...]], ...]  # (pass, (loss, reduction, n, w))
 
 
 def _argument(args: Sequence[Any], kwargs: dict[str, Any], names: tuple[str, ...], name: str, default: Any) -> Any:
@@ -164,7 +154,7 @@ class LossAudit:
 
     def judge(
         self, optimizer: int, step: int, first: int, last: int, passes: int, accumulation: int | None, scale: float
-    ) -> tuple[list[Occurrence], WindowWeights | None]:
+    ) -> tuple[list[Occurrence], LossWeights | None]:
         """The window of passes ``first``..``last`` (``passes`` of them) consumed by ``optimizer``'s step ``step``;
         ``scale``: a GradScaler's loss scale (1.0 without)."""
         calls = [(b, call) for b in range(first, last + 1) for call in self._by_pass.get(b, ())]
@@ -192,7 +182,7 @@ class LossAudit:
         out = [*self._uneven(weighed, step, last), *self._scaled(weighed, step, last, passes, accumulation)]
         slots = {(call.loss, call.ordinal) for _, call, *_ in weighed}
         units = [w for *_, w, _ in weighed if w]
-        summary = WindowWeights(
+        summary = LossWeights(
             optimizer,
             step,
             sum(total for *_, total in weighed) if len(slots) == 1 else None,

@@ -37,6 +37,7 @@ def render_report(
     for f in sorted(findings, key=lambda f: (_ORDER[f.severity], f.step, f.backward)):
         times = f", {f.count} times" if f.count > 1 else ""
         lines.append(f"  - [{f.severity}] {f.kind} at step {f.step}, backward {f.backward}{times}")
-        lines.append(f"      params: {', '.join(f.params)}")
+        if f.params:  # a finding about the loss concerns every parameter of the window
+            lines.append(f"      params: {', '.join(f.params)}")
         lines.append(f"      {f.message}")
     return "\n".join(lines)

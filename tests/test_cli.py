@@ -24,6 +24,8 @@ EXPECTED = {
     "partial-window": {"dangling-gradient"},
     "orphan-layer": {"orphan-gradient"},
     "nan": {"non-finite-gradient", "accumulation-mismatch"},  # later windows are all NaN and dropped: not dangling
+    "unscaled-loss": {"loss-scale"},
+    "mean-of-means": {"uneven-loss-weights"},
 }
 
 

@@ -33,7 +33,7 @@ opt = torch.optim.SGD(params, lr=0.01)
 opt.zero_grad()
 for i in range(8):
     x, y = torch.randn(4, 10), torch.randn(4, 1)
-    (torch.nn.functional.mse_loss(model(x), y) / 2).backward()
+    (torch.nn.functional.mse_loss(model(x), y) / (1 if bug == "unscaled" else 2)).backward()
     if (i + 1) % 2 == 0:
         opt.step()
         if bug != "missing":
@@ -77,6 +77,14 @@ def test_orphan_layer_in_a_plain_script(script):
     assert result.returncode == 1
     assert "orphan-gradient" in result.stderr
     assert "params: Net.head.weight, Net.head.bias" in result.stderr
+
+
+def test_an_unscaled_loss_in_a_plain_script(script):
+    result = _run("--accumulation-steps", "2", script, "unscaled")
+    assert result.returncode == 0  # a warning: `gradwatch run` fails on errors only
+    assert "loss-scale at step 1" in result.stderr  # the first window (adopted at the attach) is not weighed
+    line = next(n for n, text in enumerate(SCRIPT.splitlines(), 1) if "opt.step()" in text)
+    assert f"{script}:{line}: GradientWarning: gradwatch: loss-scale" in result.stderr  # the step that applied it
 
 
 def test_exit_status_of_the_script_and_no_fail(script):

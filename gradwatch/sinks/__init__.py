@@ -39,12 +39,25 @@ class StepRecord:
     grads: dict[int, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class LossWeights:
+    """What the loss calls of one window weighed, read at its step (the loss-weight audit)."""
+
+    optimizer: int
+    step: int
+    weight_sum: float | None  # the window's total weight (1.0: its gradient is the mean); None: several losses
+    weight_ratio: float  # heaviest / lightest element of one loss in the window (1.0: even)
+    # per backward pass: (pass, ((loss function, reduction, counted elements, weight that reached it), ...))
+    passes: tuple[tuple[int, tuple[tuple[str, str, float, float], ...]], ...]
+
+
 class Sink(Protocol):
     """Receives the lifecycle, already computed; must not touch tensors."""
 
     def started(self, info: RunInfo) -> None: ...
     def backward(self, backward: int, params: Sequence[int], synced: bool | None) -> None: ...
     def step(self, record: StepRecord) -> None: ...
+    def loss_weights(self, weights: LossWeights) -> None: ...
     def cleared(self, backward: int, source: str, params: int, discarded: int) -> None: ...
     def param_group_added(self, optimizer: int, params: Sequence[int], new_names: Sequence[str]) -> None: ...
     def finding(self, finding: Finding) -> None: ...

@@ -11,7 +11,7 @@ import torch
 
 from .. import timeline
 from ..findings import Finding
-from . import RunInfo, StepRecord
+from . import LossWeights, RunInfo, StepRecord
 
 TIMELINE_NAME = "gradwatch-timeline.png"
 PER_PARAM_LIMIT = 32  # above this many parameters, gradient norms are logged per layer
@@ -145,6 +145,14 @@ class TensorBoardSink:
             for layer, parts in by_layer.items():
                 values = parts[0] if len(parts) == 1 else torch.cat(parts)
                 self._writer.add_histogram(f"grad/{prefix}{layer}", values, s)
+
+    def loss_weights(self, weights: LossWeights) -> None:
+        """The loss-weight audit of one window: 1.0 and 1.0 when every element weighs the same and the weights sum to
+        the window's mean."""
+        prefix = f"opt{weights.optimizer}/" if self._n_optimizers > 1 else ""
+        if weights.weight_sum is not None:
+            self._writer.add_scalar(f"loss_weights/{prefix}window_weight_sum", weights.weight_sum, weights.step)
+        self._writer.add_scalar(f"loss_weights/{prefix}max_min_ratio", weights.weight_ratio, weights.step)
 
     @staticmethod
     def _group_squares(params: Sequence[int], norms: Sequence[float], groups: Sequence[str]) -> dict[str, float]:

@@ -8,7 +8,7 @@ import time
 from typing import IO, Sequence
 
 from ..findings import Finding
-from . import RunInfo, StepRecord
+from . import LossWeights, RunInfo, StepRecord
 
 SCHEMA_VERSION = 1
 
@@ -60,6 +60,15 @@ class TraceSink:
             line["adopted"] = True  # the window began before the watch: its size is unknown
         if record.grad_norms:
             line["grad_norms"] = list(record.grad_norms)
+        self._write(line)
+
+    def loss_weights(self, weights: LossWeights) -> None:
+        passes = [
+            {"backward": b, "losses": [{"loss": f, "reduction": r, "elements": n, "weight": w} for f, r, n, w in calls]}
+            for b, calls in weights.passes
+        ]
+        line = {"event": "loss_weights", "optimizer": weights.optimizer, "step": weights.step, "passes": passes}
+        line.update({"weight_sum": weights.weight_sum, "weight_ratio": weights.weight_ratio})
         self._write(line)
 
     def param_group_added(self, optimizer: int, params: Sequence[int], new_names: Sequence[str]) -> None:
