@@ -119,6 +119,13 @@ def detect(model, opt, accumulation):
 
 
 @contextlib.contextmanager
+def detect_no_audit(model, opt, accumulation):
+    """Detection with the loss-weight audit off (``audit_losses=False``): what the audit costs is the difference."""
+    with gradwatch.watch(model, opt, accumulation_steps=accumulation, on_finding="record", audit_losses=False):
+        yield
+
+
+@contextlib.contextmanager
 def tensorboard(model, opt, accumulation):
     with (
         tempfile.TemporaryDirectory() as logdir,
@@ -170,6 +177,7 @@ VARIANTS: dict[str, Callable] = {
     "bare": bare,
     "floor": floor,
     "detect": detect,
+    "detect-no-audit": detect_no_audit,
     "tensorboard": tensorboard,
     "add_histogram-peer": histogram_peer,
 }

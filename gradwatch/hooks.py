@@ -447,14 +447,13 @@ def _loss_function(name: str) -> Callable[[Callable[..., Any], Watches], Callabl
     def make(original: Callable[..., Any], watches: Watches) -> Callable[..., Any]:
         def loss(*args: Any, **kwargs: Any) -> Any:
             output = original(*args, **kwargs)
-            if not isinstance(output, torch.Tensor) or not output.requires_grad or _is_compiling():
+            auditing = [hooks.receiver for hooks in watches if hooks.receiver.auditing_losses]
+            if not auditing or not isinstance(output, torch.Tensor) or not output.requires_grad or _is_compiling():
                 return output
-            for hooks in watches:
-                receiver = hooks.receiver
-                if receiver.auditing_losses:
-                    call = _guard(receiver, name, receiver.on_loss, name, args, kwargs)
-                    if call is not None:
-                        _guard(receiver, name, output.register_hook, functools.partial(_loss_reached, receiver, call))
+            for receiver in auditing:
+                call = _guard(receiver, name, receiver.on_loss, name, args, kwargs)
+                if call is not None:
+                    _guard(receiver, name, output.register_hook, functools.partial(_loss_reached, receiver, call))
             return output
 
         return loss

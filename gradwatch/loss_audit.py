@@ -30,7 +30,7 @@ from .sinks import LossWeights
 from .stats import HostBatch
 
 AUDIT_FIRST = 8  # steps whose windows are all audited
-AUDIT_EVERY = 16  # then the window of every this-many-th step
+AUDIT_EVERY = 32  # then the window of every this-many-th step
 TOLERANCE = 0.02  # weights within 2 % are the same weight
 _CLASS_TARGETS = ("cross_entropy", "nll_loss")
 # the functions audited, with their arguments' positions (torch.nn.functional's signatures since 2.1)
@@ -59,28 +59,29 @@ class LossCall:
     task: int = -1  # the autograd graph task that reached the output
 
 
-def _argument(args: Sequence[Any], kwargs: dict[str, Any], names: tuple[str, ...], name: str, default: Any) -> Any:
-    position = names.index(name) if name in names else len(args)
-    return args[position] if position < len(args) else kwargs.get(name, default)
+_POSITIONS = {loss: {name: at for at, name in enumerate(names)} for loss, names in LOSS_ARGUMENTS.items()}
 
 
 def describe_call(loss: str, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str, Any, Any] | None:
     """(reduction, count, mask) of a loss call, on the device; None for a call the audit cannot weigh (legacy
     ``size_average``/``reduce``, an element-weighted regression loss, an unknown reduction)."""
-    names = LOSS_ARGUMENTS[loss]
-    if _argument(args, kwargs, names, "size_average", None) is not None:
+    positions = _POSITIONS[loss]
+
+    def argument(name: str, default: Any = None) -> Any:
+        at = positions.get(name, len(args))
+        return args[at] if at < len(args) else kwargs.get(name, default)
+
+    if argument("size_average") is not None or argument("reduce") is not None:
         return None
-    if _argument(args, kwargs, names, "reduce", None) is not None:
-        return None
-    reduction = _argument(args, kwargs, names, "reduction", "mean")
+    reduction = argument("reduction", "mean")
     if reduction not in ("mean", "sum", "none"):
         return None
-    input, target = _argument(args, kwargs, names, "input", None), _argument(args, kwargs, names, "target", None)
+    input, target = argument("input"), argument("target")
     if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
         return None
-    weight = _argument(args, kwargs, names, "weight", None)
+    weight = argument("weight")
     if loss in _CLASS_TARGETS and not target.is_floating_point():
-        valid = target != _argument(args, kwargs, names, "ignore_index", -100)
+        valid = target != argument("ignore_index", -100)
         if weight is None:
             return reduction, valid.sum(), valid
         weights = weight[target.masked_fill(~valid, 0)] * valid
@@ -89,6 +90,8 @@ def describe_call(loss: str, args: Sequence[Any], kwargs: dict[str, Any]) -> tup
         return reduction, float(input.numel() // input.shape[1] if input.dim() > 1 else 1), None
     if weight is not None and not loss.startswith("binary_cross_entropy"):
         return None  # per-element weights of a regression loss: deliberate, and normalised its own way
+    if input.shape == target.shape:
+        return reduction, float(input.numel()), None
     return reduction, float(math.prod(torch.broadcast_shapes(input.shape, target.shape))), None
 
 
@@ -97,7 +100,7 @@ def upstream_of(call: LossCall, grad: torch.Tensor) -> torch.Tensor:
     [total, max, min, count] over the elements that count for ``none``."""
     grad = grad.detach()
     if call.reduction != "none":
-        return grad.reshape(-1)[:1].float()
+        return grad  # one value
     counted = grad != 0
     if call.mask is not None and call.mask.shape == grad.shape:
         counted &= call.mask
@@ -114,6 +117,8 @@ class LossAudit:
 
     def __init__(self) -> None:
         self.due = True  # whether the calls of the coming window are audited
+        self._last_short: int | None = None  # the latest step on a short window (an epoch's last)
+        self._short_every: int | None = None  # steps between the last two short windows (an epoch, in steps)
         self._ordinals: dict[str, int] = {}
         self._reached: list[LossCall] = []  # outputs the running (or a foreign) graph task reached
         self._by_pass: dict[int, list[LossCall]] = {}
@@ -134,6 +139,8 @@ class LossAudit:
 
     def pass_ended(self, backward: int, task: int) -> None:
         """Backward pass ``backward`` (graph task ``task``) was booked: it owns the calls its task reached."""
+        if not self._reached and not self._ordinals:
+            return
         reached, self._reached = self._reached, []
         mine = [call for call in reached if call.task == task]
         if mine:
@@ -143,9 +150,16 @@ class LossAudit:
     def pending(self) -> bool:
         return bool(self._by_pass)
 
-    def step_done(self, steps: int) -> None:
-        """A step finished (``steps`` so far): audit the next window or not."""
-        self.due = steps < AUDIT_FIRST or steps % AUDIT_EVERY == 0
+    def step_done(self, steps: int, short: bool) -> None:
+        """A step finished (``steps`` so far; ``short``: on a window shorter than the accumulation steps): audit
+        the next window or not. Besides the sample, the epoch's short window is audited once its period shows
+        (a short window divided by K shows nowhere else)."""
+        if short:
+            if self._last_short is not None:
+                self._short_every = steps - 1 - self._last_short
+            self._last_short = steps - 1
+        predicted_short = self._short_every is not None and steps == self._last_short + self._short_every
+        self.due = steps < AUDIT_FIRST or steps % AUDIT_EVERY == 0 or predicted_short
 
     def discard(self, last: int) -> None:
         """Forget the calls of passes up to ``last`` (dropped, or consumed by a step not audited)."""

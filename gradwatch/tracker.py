@@ -178,7 +178,9 @@ class Tracker:
         audit = self._audit
         if audit is None:
             return []
-        audit.step_done(max(self.ledger.steps))
+        ledger = self.ledger
+        size, expected = ledger.last_window[opt_index], ledger.accumulation_steps
+        audit.step_done(max(ledger.steps), size is not None and expected is not None and 0 < size < expected)
         self.auditing_losses = audit.due
         if window is None:
             return []

@@ -196,6 +196,22 @@ def test_a_short_last_window_divided_by_the_full_count():
     assert "short window of 1 backward pass(es)" in f.message and "applied 0.5 of the window's mean" in f.message
 
 
+def test_the_short_window_of_long_epochs_is_audited_once_its_period_shows():
+    """Epochs of 20 full windows and a short one: the sample (first 8 steps, every 32nd) misses the short windows
+    at steps 20 and 41; their period schedules the one at step 62."""
+    model, opt = reference_model()
+    data = reference_data(41)
+    with watch(model, opt, accumulation_steps=ACC) as w:
+        for _ in range(3):
+            for i, (x, y) in enumerate(data):
+                mse(model, x, y, ACC).backward()
+                if (i + 1) % ACC == 0 or i + 1 == len(data):
+                    opt.step()
+                    opt.zero_grad()
+    f = _only(w, "loss-scale")
+    assert f.step == 62 and "short window of 1 backward pass(es)" in f.message
+
+
 def test_warn_mode_points_at_the_step_and_the_audit_can_be_turned_off():
     assert _reference_loop(lambda i, n: 1, audit_losses=False).findings == []
     with pytest.warns(gradwatch.GradientWarning, match="loss-scale") as caught:
