@@ -107,6 +107,39 @@ def test_the_trainers_own_zero_grad_removed(tmp_path, monkeypatch):
     assert "transformer.wte.weight" in f.params and f.step == 1
 
 
+class PaddedTokens(Tokens):
+    """Sequences of 3 to 12 real tokens, the rest of the labels -100 (padding): micro-batches of unequal counts."""
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        labels = self.ids[i].clone()
+        labels[3 + (5 * i) % 10 :] = -100
+        return {"input_ids": self.ids[i], "labels": labels}
+
+
+@pytest.mark.parametrize("fixed", [True, False], ids=["num_items_in_batch", "mean-of-means"])
+def test_the_trainers_token_weights_and_the_mean_of_means_it_had_until_2024(tmp_path, fixed):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=ACC, max_steps=3,
+        report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True, dataloader_drop_last=True,
+    )  # fmt: skip
+    callback = GradwatchCallback(on_finding="record", logdir=tmp_path / "logs")
+    trainer = transformers.Trainer(model=_model(), args=args, train_dataset=PaddedTokens(16), callbacks=[callback])
+    if not fixed:  # the Trainer before transformers 34191: each micro-batch's token mean, divided by the steps
+        trainer.model_accepts_loss_kwargs = False
+    trainer.train()
+    weighed = gradwatch.load_trace(tmp_path / "logs").of("loss_weights")
+    assert len(weighed) == 3  # every window audited, each through GPT-2's own cross_entropy call
+    if fixed:
+        assert callback.watcher.findings == [], callback.watcher.report()
+        assert all(e["weight_ratio"] == pytest.approx(1.0) for e in weighed)  # every token weighs the same
+        # the weights sum to a little under 1: for GPT2LMHeadModel (no "ForCausalLM" in its class name) the Trainer
+        # counts num_items_in_batch over the unshifted labels, one token per sequence more than the loss counts
+        assert all(0.75 < e["weight_sum"] <= 1.0 for e in weighed)
+    else:
+        (f,) = callback.watcher.findings
+        assert f.kind == "uneven-loss-weights" and "cross_entropy" in f.message and "a mean of means" in f.message
+
+
 def _failing_trainer(tmp_path, callback, fail_at_call=3):
     class FailsMidEpoch(transformers.Trainer):
         calls = 0

@@ -26,12 +26,12 @@ def _setup(rank: int, bucket_view: bool = False) -> tuple[DDP, torch.optim.Optim
     return model, torch.optim.SGD(model.parameters(), lr=0.01), data
 
 
-def _micro_batch(model: DDP, x: torch.Tensor, y: torch.Tensor, sync: bool) -> None:
+def _micro_batch(model: DDP, x: torch.Tensor, y: torch.Tensor, sync: bool, divisor: int = ACC) -> None:
     if sync:
-        (torch.nn.functional.mse_loss(model(x), y) / ACC).backward()
+        (torch.nn.functional.mse_loss(model(x), y) / divisor).backward()
     else:
         with model.no_sync():
-            (torch.nn.functional.mse_loss(model(x), y) / ACC).backward()
+            (torch.nn.functional.mse_loss(model(x), y) / divisor).backward()
 
 
 def _loop(
@@ -45,6 +45,7 @@ def _loop(
     zero_grad_in_window: bool = False,
     extra_backward_on_rank1: bool = False,
     watched: bool = True,
+    loss_divisor: int = ACC,
 ) -> tuple[gradwatch.Watcher | None, list[torch.Tensor]]:
     model, opt, data = _setup(rank, bucket_view)
     w = gradwatch.watch(model, opt, accumulation_steps=ACC, logdir=logdir, on_finding="record") if watched else None
@@ -54,7 +55,7 @@ def _loop(
             last_of_window = (i + 1) % ACC == 0
             if extra_backward_on_rank1 and rank == 1 and i == 2:
                 _micro_batch(model, x, y, sync=False)  # a rank-dependent extra pass (local: no collective)
-            _micro_batch(model, x, y, sync=last_of_window or not use_no_sync)
+            _micro_batch(model, x, y, sync=last_of_window or not use_no_sync, divisor=loss_divisor)
             if zero_grad_in_window and not last_of_window:
                 opt.zero_grad(set_to_none=set_to_none)
             if last_of_window:
@@ -116,6 +117,7 @@ SCENARIOS: dict[str, Callable[[int, str], Any]] = {
     "sync_every_backward": lambda rank, logdir: _findings(rank, logdir, use_no_sync=False),
     "zero_grad_in_window": lambda rank, logdir: _findings(rank, logdir, bucket_view=True, zero_grad_in_window=True),
     "divergent": lambda rank, logdir: _findings(rank, logdir, extra_backward_on_rank1=True),
+    "unscaled_loss": lambda rank, logdir: _findings(rank, logdir, loss_divisor=1),
     "weights_unchanged_by_the_watch": _unchanged,
 }
 

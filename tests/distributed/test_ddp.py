@@ -67,6 +67,15 @@ def test_missing_zero_grad_is_found_on_every_rank(ddp_run, scenario):
         assert finding["params"] == PARAMS
 
 
+def test_the_loss_weight_audit_judges_each_rank_on_its_own(ddp_run):
+    """DDP averages the gradients across ranks after the loss: each rank's window must still be its own mean."""
+    _, results = ddp_run
+    for r in RANKS:
+        (finding,) = results[r]["unscaled_loss"]
+        assert (finding["kind"], finding["step"]) == ("loss-scale", 0)
+        assert "2x the window's mean" in finding["message"]
+
+
 def test_all_reduce_on_every_backward_of_a_window_is_a_redundant_sync(ddp_run):
     _, results = ddp_run
     for r in RANKS:

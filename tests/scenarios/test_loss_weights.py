@@ -108,6 +108,24 @@ def test_label_smoothing_is_clean_when_every_micro_batch_has_the_same_count():
     assert _lm_loop(loss, lengths=[[5, 5]] * 8).findings == []
 
 
+def test_class_weights_summed_and_divided_by_the_windows_weight_sum_are_clean():
+    weights = torch.linspace(0.5, 1.5, VOCAB)
+    model = TinyLM()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = _padded_batches(LENGTHS)
+    with watch(model, opt, accumulation_steps=ACC) as w:
+        for start in range(0, len(data), ACC):
+            window = data[start : start + ACC]
+            weight_sum = sum(float(weights[labels[labels != PAD]].sum()) for _, labels in window)
+            for tokens, labels in window:
+                logits = model(tokens).reshape(-1, VOCAB)
+                loss = F.cross_entropy(logits, labels.reshape(-1), weight=weights, ignore_index=PAD, reduction="sum")
+                (loss / weight_sum).backward()
+            opt.step()
+            opt.zero_grad()
+    assert w.findings == []
+
+
 def test_class_weights_count_by_their_sum():
     """A weighted mean divides by the sum of the targets' class weights: equal token counts, unequal sums."""
     weights = torch.linspace(0.5, 1.5, VOCAB)
