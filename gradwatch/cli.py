@@ -56,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--logdir", default=None, help="stream TensorBoard logs and the trace here")
     run.add_argument("--on-finding", choices=("warn", "raise", "record"), default="warn")
     run.add_argument("--no-fail", action="store_true", help="keep the script's exit status whatever was found")
+    run.add_argument("--no-loss-audit", action="store_true", help="leave the loss functions unwrapped (no loss-scale)")
     run.add_argument(
         "--allow-unwatched",
         action="store_true",
@@ -82,7 +83,12 @@ def _run_script(args: argparse.Namespace) -> int:
     if not os.path.isfile(args.script):
         print(f"gradwatch run: no such script: {args.script!r}", file=sys.stderr)
         return EXIT_UNREADABLE
-    auto = AutoAttach(accumulation_steps=args.accumulation_steps, logdir=args.logdir, on_finding=args.on_finding)
+    auto = AutoAttach(
+        accumulation_steps=args.accumulation_steps,
+        logdir=args.logdir,
+        on_finding=args.on_finding,
+        audit_losses=not args.no_loss_audit,
+    )
     finding_log.FALLBACK_LOCATION = (os.path.abspath(args.script), 1)  # end-of-run warnings: the script, not runpy
     saved_argv, saved_path = sys.argv, list(sys.path)
     sys.argv = [args.script, *args.script_args]

@@ -85,6 +85,7 @@ def test_an_unscaled_loss_in_a_plain_script(script):
     assert "loss-scale at step 1" in result.stderr  # the first window (adopted at the attach) is not weighed
     line = next(n for n, text in enumerate(SCRIPT.splitlines(), 1) if "opt.step()" in text)
     assert f"{script}:{line}: GradientWarning: gradwatch: loss-scale" in result.stderr  # the step that applied it
+    assert "loss-scale" not in _run("--accumulation-steps", "2", "--no-loss-audit", script, "unscaled").stderr
 
 
 def test_exit_status_of_the_script_and_no_fail(script):
