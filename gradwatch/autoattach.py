@@ -92,7 +92,7 @@ class AutoAttach:
         in_model = {id(p) for p in model.parameters()}
         optimizers = [o for o in optimizers if any(id(p) in in_model for g in o.param_groups for p in g["params"])]
         watcher = watch(model, optimizers, **self.watch_kwargs)
-        watcher._adopt_existing_gradients()
+        watcher.adopt_existing_gradients()
         return watcher
 
 

@@ -9,9 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .findings import Finding, GradientWarning
-from .sinks.trace import SCHEMA_VERSION
-
-TRACE_NAME = "gradwatch-trace.jsonl"
+from .sinks.trace import SCHEMA_VERSION, TRACE_NAME
 
 
 @dataclass(frozen=True)

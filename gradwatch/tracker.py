@@ -192,7 +192,7 @@ class Tracker:
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         out, weights = audit.judge(opt_index, step, first, last, passes, self.ledger.accumulation_steps, scale)
         if weights is not None and self._sinks is not None:
-            self._sinks.call("loss_weights", weights)
+            self._sinks.loss_weights(weights)
         return out
 
     def _changed_in_place(self, i: int) -> bool:
@@ -323,7 +323,7 @@ class Tracker:
             if synced:
                 ledger.backward_synced()
         if self._sinks is not None:
-            self._sinks.call("backward", backward, contributed, synced)
+            self._sinks.backward(backward, contributed, synced)
             if incoming:
                 self._queue_contributions(backward, [i for i in contributed if i in incoming], incoming)
         if self._zeroed:
@@ -401,7 +401,7 @@ class Tracker:
         ledger = self.ledger
         batch = HostBatch()
         contributions = self._schedule_contributions(batch)
-        grad_norms = batch.norms([p.grad for _, p in consumed]) if sinks.wants_norms() else None
+        grad_norms = batch.norms([p.grad for _, p in consumed]) if sinks.wants_norms else None
         before = self._weights_before.pop(opt_index, None)
         updates = None
         if before is not None and len(before) == len(params):
@@ -428,7 +428,7 @@ class Tracker:
             )
         if sinks.histogram_due(step):
             record = replace(record, grads={i: p.grad for i, p in consumed if p.grad is not None})
-        sinks.call("step", record)
+        sinks.step(record)
         self.measuring_contributions = sinks.contributions_due(max(ledger.steps))
         return out
 
@@ -519,7 +519,7 @@ class Tracker:
             booked.append((i, p))
         self._on_new_params(names)
         if self._sinks is not None:
-            self._sinks.call("param_group_added", opt_index, tuple(i for i, _ in booked), tuple(names))
+            self._sinks.param_group_added(opt_index, tuple(i for i, _ in booked), tuple(names))
         self.adopt_existing_gradients([i for i, _ in booked])
         return booked
 
@@ -602,7 +602,7 @@ class Tracker:
         """Close the sinks with the final findings (also after an internal error)."""
         if self._sinks is not None:
             self._flush_contributions()
-            self._sinks.call("finished", findings, self.ledger.backwards, list(self.ledger.steps))
+            self._sinks.finished(findings, self.ledger.backwards, list(self.ledger.steps))
 
     # -- helpers -----------------------------------------------------------------------------------
     def _before_clear(self, params: list[tuple[int, torch.Tensor]]) -> None:
@@ -638,7 +638,7 @@ class Tracker:
         )
         if self._sinks is not None:
             discarded = sum(len(o.params) for o in out)
-            self._sinks.call("cleared", self.ledger.backwards, source, len(indices), discarded)
+            self._sinks.cleared(self.ledger.backwards, source, len(indices), discarded)
         return out
 
     def _scan_after_step(
@@ -717,7 +717,7 @@ class Tracker:
     def _send_contributions(self, scheduled: list[tuple[int, list[int], Callable[[], list[float]]]]) -> None:
         if self._sinks is not None:
             for backward, indices, get in scheduled:
-                self._sinks.call("contributions", backward, indices, get())
+                self._sinks.contributions(backward, indices, get())
 
     def _flush_contributions(self) -> None:
         """Hand the queued per-backward contribution norms to the sinks (outside a step): one read."""

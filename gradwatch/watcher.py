@@ -18,9 +18,8 @@ from .hooks import GRAD_SCALER, HookSet
 from .ledger import NO_OWNER
 from .report import render_report
 from .sinks import RunInfo, Sink, Sinks
-from .sinks.tensorboard import TensorBoardOptions, TensorBoardSink
-from .sinks.trace import TraceSink
-from .traces import TRACE_NAME
+from .sinks.build import open_sinks
+from .sinks.tensorboard import TensorBoardOptions
 from .tracker import Tracker
 
 DDP = torch.nn.parallel.DistributedDataParallel
@@ -76,13 +75,13 @@ class Watcher:
                 (type(opt).__name__, tuple(i for i, owner in enumerate(owners) if owner == o))
                 for o, opt in enumerate(optimizers)
             )
-            self._sinks.call("started", RunInfo(tuple(names), layout, accumulation_steps, rank, world_size))
+            self._sinks.started(RunInfo(tuple(names), layout, accumulation_steps, rank, world_size))
         self._hooks = HookSet(self._tracker, on_all_optimizers_gone=self._close_sinks)
         self._targets = [weakref.ref(model), *(weakref.ref(o) for o in optimizers)]
         self._hooks.install(
             enumerate(params),
             optimizers,
-            contribution_norms=self._sinks.wants_contributions(),
+            contribution_norms=self._sinks.wants_contributions,
             audit_losses=audit_losses,
         )
         _watched.update([model, *optimizers])
@@ -162,15 +161,18 @@ class Watcher:
         n_params = len(self._tracker.ledger.owners)
         return f"<gradwatch.Watcher {state}: {n_params} parameters, {len(self._log.findings)} findings>"
 
-    def _adopt_existing_gradients(self) -> None:
-        """For attaching mid-run (``gradwatch run``): the gradients already there are one open window, expected."""
+    def adopt_existing_gradients(self) -> None:
+        """For an integration that attaches mid-run (``gradwatch run`` at the first step): the gradients already in
+        ``.grad`` are one open window of unknown size, expected, not a ``pre-existing-gradient``."""
         self._tracker.adopt_existing_gradients()
 
-    def _accumulation_steps(self) -> int | None:
+    @property
+    def accumulation_steps(self) -> int | None:
+        """The backward passes each step is meant to consume (None: not checked)."""
         return self._tracker.ledger.accumulation_steps
 
     def _finding_to_sinks(self, finding: Finding) -> None:
-        self._sinks.call("finding", finding)
+        self._sinks.finding(finding)
 
     def _report_unsupported(self, reason: str) -> None:
         self._internal_error = reason
@@ -245,25 +247,7 @@ def watch(
                 f"this {type(target).__name__} is already watched by a live gradwatch watcher; "
                 "detach() that watcher first (one watcher per model and optimizer)"
             )
-    sinks: list[Sink] = []
-    rank, _ = _distributed()
-    if rank is not None:  # each rank writes its own TensorBoard run and trace
-        logdir = os.path.join(os.fspath(logdir), f"rank{rank}") if logdir is not None else None
-        if trace is not None:
-            base, ext = os.path.splitext(os.fspath(trace))
-            trace = f"{base}.rank{rank}{ext}"
-    try:
-        if trace is None and logdir is not None:
-            trace = os.path.join(os.fspath(logdir), TRACE_NAME)
-        if trace is not None:
-            sinks.append(TraceSink(trace))
-        if logdir is not None:
-            sinks.append(TensorBoardSink(logdir, tensorboard))
-    except OSError as error:
-        for sink in sinks:
-            sink.abandon()
-        where = os.fspath(logdir if logdir is not None else trace)  # type: ignore[arg-type]
-        raise ValueError(f"cannot write gradwatch's logs at {where!r}: {error}") from None
+    sinks = open_sinks(logdir, trace, tensorboard, _distributed()[0])
     try:
         return Watcher(model, optimizers, accumulation_steps, on_finding, finite_check, sinks, scaler, audit_losses)
     except BaseException:
@@ -275,7 +259,7 @@ def watch(
 
 def _close_sinks(sinks: Sinks) -> None:
     """Close the sinks of a watch that was never detached (its optimizers and the watch were collected)."""
-    sinks.close()
+    sinks.abandon()
 
 
 class UnsupportedSetup(ValueError):

@@ -79,4 +79,4 @@ def test_manual_optimization_bug_is_found(tmp_path):
         1,
         1,
     )
-    assert watcher._accumulation_steps() is None  # manual optimization: no window size to check
+    assert watcher.accumulation_steps is None  # manual optimization: no window size to check

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Sequence
 
 from ..findings import Finding
 
@@ -51,63 +51,103 @@ class LossWeights:
     passes: tuple[tuple[int, tuple[tuple[str, str, float, float], ...]], ...]
 
 
-class Sink(Protocol):
-    """Receives the lifecycle, already computed; must not touch tensors."""
+class Sink:
+    """Receives the lifecycle, already computed; must not touch tensors. Every event is a no-op unless a sink
+    overrides it, and a sink asks for the costlier statistics with the ``wants_*`` flags and ``*_due`` methods."""
+
+    wants_norms = False  # per-step gradient norms in StepRecord.grad_norms
+    wants_contributions = False  # per-backward norms of what each pass added (``contributions``)
+
+    def update_ratio_due(self, step: int) -> bool:
+        """Whether step ``step`` should carry update and weight norms."""
+        return False
+
+    def contributions_due(self, step: int) -> bool:
+        """Whether the backward passes after step ``step`` should be measured."""
+        return False
+
+    def histogram_due(self, step: int) -> bool:
+        """Whether step ``step`` should carry the consumed gradients for histograms."""
+        return False
 
     def started(self, info: RunInfo) -> None: ...
     def backward(self, backward: int, params: Sequence[int], synced: bool | None) -> None: ...
+    def contributions(self, backward: int, params: Sequence[int], norms: Sequence[float]) -> None: ...
     def step(self, record: StepRecord) -> None: ...
     def loss_weights(self, weights: LossWeights) -> None: ...
     def cleared(self, backward: int, source: str, params: int, discarded: int) -> None: ...
     def param_group_added(self, optimizer: int, params: Sequence[int], new_names: Sequence[str]) -> None: ...
     def finding(self, finding: Finding) -> None: ...
     def finished(self, findings: Sequence[Finding], backwards: int, steps: Sequence[int]) -> None: ...
-    def abandon(self) -> None: ...
+
+    def abandon(self) -> None:
+        """Close without a final record (the run did not end cleanly); must not raise."""
 
 
-class Sinks:
+class Sinks(Sink):
     """Fan-out to the sinks; a sink that fails is reported once and dropped, training goes on."""
 
     def __init__(self, sinks: Sequence[Sink], report_failure: Callable[[str], None]) -> None:
         self._sinks = list(sinks)
         self._report_failure = report_failure
+        self.wants_norms = any(s.wants_norms for s in sinks)
+        self.wants_contributions = any(s.wants_contributions for s in sinks)
 
     def __bool__(self) -> bool:
         return bool(self._sinks)
 
-    def wants_contributions(self) -> bool:
-        return any(getattr(s, "wants_contributions", False) for s in self._sinks)
-
-    def wants_norms(self) -> bool:
-        return any(getattr(s, "wants_norms", False) for s in self._sinks)
-
     def update_ratio_due(self, step: int) -> bool:
-        return any(getattr(s, "update_ratio_due", lambda _: False)(step) for s in self._sinks)
+        return any(s.update_ratio_due(step) for s in self._sinks)
 
     def contributions_due(self, step: int) -> bool:
-        return any(getattr(s, "contributions_due", lambda _: False)(step) for s in self._sinks)
+        return any(s.contributions_due(step) for s in self._sinks)
 
     def histogram_due(self, step: int) -> bool:
-        return any(getattr(s, "histogram_due", lambda _: False)(step) for s in self._sinks)
+        return any(s.histogram_due(step) for s in self._sinks)
 
-    def close(self) -> None:
+    def started(self, info: RunInfo) -> None:
+        self._each(lambda sink: sink.started(info))
+
+    def backward(self, backward: int, params: Sequence[int], synced: bool | None) -> None:
+        self._each(lambda sink: sink.backward(backward, params, synced))
+
+    def contributions(self, backward: int, params: Sequence[int], norms: Sequence[float]) -> None:
+        self._each(lambda sink: sink.contributions(backward, params, norms))
+
+    def step(self, record: StepRecord) -> None:
+        self._each(lambda sink: sink.step(record))
+
+    def loss_weights(self, weights: LossWeights) -> None:
+        self._each(lambda sink: sink.loss_weights(weights))
+
+    def cleared(self, backward: int, source: str, params: int, discarded: int) -> None:
+        self._each(lambda sink: sink.cleared(backward, source, params, discarded))
+
+    def param_group_added(self, optimizer: int, params: Sequence[int], new_names: Sequence[str]) -> None:
+        self._each(lambda sink: sink.param_group_added(optimizer, params, new_names))
+
+    def finding(self, finding: Finding) -> None:
+        self._each(lambda sink: sink.finding(finding))
+
+    def finished(self, findings: Sequence[Finding], backwards: int, steps: Sequence[int]) -> None:
+        self._each(lambda sink: sink.finished(findings, backwards, steps))
+
+    def abandon(self) -> None:
         """Close every sink without a final record (a watch that was never detached)."""
         sinks, self._sinks = self._sinks, []
         for sink in sinks:
             with contextlib.suppress(Exception):
                 sink.abandon()
 
-    def call(self, method: str, *args: object) -> None:
+    close = abandon
+
+    def _each(self, deliver: Callable[[Sink], None]) -> None:
+        """Deliver one event to every sink; the one place where a sink's failure is contained."""
         for sink in list(self._sinks):
-            handler = getattr(sink, method, None)
-            if handler is None:  # an optional event this sink does not take
-                continue
             try:
-                handler(*args)
+                deliver(sink)
             except Exception as error:  # a full disk must not stop the training
                 self._sinks.remove(sink)
                 self._report_failure(f"gradwatch: the {type(sink).__name__} failed ({error!r}) and was turned off")
-                close = getattr(sink, "abandon", None)
-                if close is not None:
-                    with contextlib.suppress(Exception):  # already reported
-                        close()
+                with contextlib.suppress(Exception):  # already reported
+                    sink.abandon()

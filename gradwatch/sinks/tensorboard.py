@@ -11,7 +11,7 @@ import torch
 
 from .. import timeline
 from ..findings import Finding
-from . import LossWeights, RunInfo, StepRecord
+from . import LossWeights, RunInfo, Sink, StepRecord
 
 TIMELINE_NAME = "gradwatch-timeline.png"
 PER_PARAM_LIMIT = 32  # above this many parameters, gradient norms are logged per layer
@@ -50,7 +50,7 @@ def layer_of(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else name
 
 
-class TensorBoardSink:
+class TensorBoardSink(Sink):
     """Streams the run to ``logdir``. The writer is created at ``watch()``, so an unwritable logdir fails there."""
 
     wants_norms = True

@@ -8,12 +8,13 @@ import time
 from typing import IO, Sequence
 
 from ..findings import Finding
-from . import LossWeights, RunInfo, StepRecord
+from . import LossWeights, RunInfo, Sink, StepRecord
 
 SCHEMA_VERSION = 1
+TRACE_NAME = "gradwatch-trace.jsonl"  # the trace's name in a logdir
 
 
-class TraceSink:
+class TraceSink(Sink):
     """Writes the JSON-lines trace (schema in the README); a crash leaves every line written so far."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:

@@ -409,7 +409,7 @@ def test_accumulation_steps_accepts_any_integral_number():
 
     for steps in (np.int64(ACC), torch.tensor(ACC).item()):
         w = _clean_and_unchanged(_sgd(), loop, accumulation_steps=steps)
-        assert w._accumulation_steps() == ACC
+        assert w.accumulation_steps == ACC
 
 
 # -- a NaN window dropped by hand (issue 15) ----------------------------------------------------------
