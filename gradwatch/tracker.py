@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import replace
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
 
@@ -26,37 +26,40 @@ from .loss_audit import LossAudit, LossCall, describe_call
 from .sinks import Sinks, StepRecord
 from .stats import FiniteChecks, HostBatch, nonfinite_and_zero, nonfinite_positions, read_flags, zero_flags
 
-Emit = Callable[[list[Occurrence]], None]
 SET_TO_NONE = ".grad set to None (or replaced)"
 WINDOW_KINDS = (ACCUMULATION_MISMATCH, DISCARDED, EMPTY_STEP, STALE)  # a window wrong in size or content
 ZEROED_BY_HAND = ".grad zeroed in place by hand (p.grad.zero_())"
 
 
+class Outbox(Protocol):
+    """Where the tracker's results go: findings, the names of parameters watched from now on, and a stop."""
+
+    def findings(self, occurrences: list[Occurrence]) -> None: ...
+    def new_params(self, names: list[str]) -> None: ...
+    def stop(self, reason: str, error: BaseException | None = None) -> None: ...
+
+
 class Tracker:
-    """Implements the hooks' ``Receiver``: keeps per-parameter snapshots and drives the ledger."""
+    """Implements the hooks' ``Receiver``: turns tensor facts (hook calls, ``.grad`` identities and versions) into
+    ledger events, and what the ledger finds into the outbox."""
 
     def __init__(
         self,
         params: Sequence[torch.Tensor],
-        owners: Sequence[int],
-        optimizers: Sequence[torch.optim.Optimizer],
-        accumulation_steps: int | None,
-        emit: Emit,
-        on_internal_error: Callable[[BaseException, str], None],
-        on_unsupported: Callable[[str], None] = lambda reason: None,
+        ledger: Ledger,
+        outbox: Outbox,
         finite_check: str = "step",
         sinks: Sinks | None = None,
         scaler: Any = None,
-        on_new_params: Callable[[list[str]], None] = lambda names: None,
         ddp: torch.nn.Module | None = None,
         count_syncs: bool = True,
         audit_losses: bool = False,
     ) -> None:
         n = len(params)
-        self.ledger = Ledger(owners, len(optimizers), accumulation_steps)
+        self.ledger = ledger
         self._params = [weakref.ref(p) for p in params]
         self._index = {id(p): i for i, p in enumerate(params)}
-        self._opt_layout: list[tuple[int, list[int]]] = [(-1, [])] * len(optimizers)  # filled on first use
+        self._opt_layout: list[tuple[int, list[int]]] = [(-1, [])] * len(ledger.steps)  # filled on first use
         self._grad_refs: list[weakref.ref[torch.Tensor] | None] = [None] * n
         self._grad_versions = [0] * n
         self._zeroed: dict[int, list[tuple[torch.Tensor, int | None]]] = {}  # device evidence per suspected param
@@ -67,12 +70,9 @@ class Tracker:
         self._steps_before_scaler: dict[int, int] = {}
         self._weights_before: dict[int, list[torch.Tensor]] = {}  # copies for update ratios, one step long
         self._contributions: list[tuple[int, list[int], torch.Tensor]] = []  # per backward, read at the step
-        self._emit = emit
+        self._outbox = outbox
         self._sinks = sinks if sinks else None
         self.measuring_contributions = bool(sinks) and sinks.contributions_due(0)  # type: ignore[union-attr]
-        self._on_internal_error = on_internal_error
-        self._on_unsupported = on_unsupported
-        self._on_new_params = on_new_params
         self._ddp = weakref.ref(ddp) if ddp is not None and count_syncs else None
         # DDP rebinds .grad to views of its flat buckets (which share one version counter): under it, only None
         # counts as a clear made by hand and every hook call as a contribution
@@ -131,7 +131,7 @@ class Tracker:
                 and grad._version - self._grad_versions[index] > 1
             ):
                 ledger.clear_consumed([index])
-        self._emit(out)
+        self._outbox.findings(out)
 
     def on_backward_end(
         self, grads: dict[int, torch.Tensor | None], incoming: dict[int, torch.Tensor] | None = None
@@ -140,7 +140,7 @@ class Tracker:
         (TensorBoard only) to the device norm of what it added."""
         continuing, self._continuing_pass = self._continuing_pass, False
         if not self.stopped:
-            self._emit(self._book_pass(grads, incoming, continuing))
+            self._outbox.findings(self._book_pass(grads, incoming, continuing))
             if self._audit is not None:
                 self._audit.pass_ended(self.ledger.backwards - 1, current_graph_task())
         self._clear_counted = False
@@ -271,7 +271,7 @@ class Tracker:
                 grads[i] = grad
         out = self._book_pass(grads, None, self._continuing_pass)
         self._continuing_pass = True
-        self._emit(out)
+        self._outbox.findings(out)
 
     def _book_pass(
         self, grads: dict[int, torch.Tensor | None], incoming: dict[int, torch.Tensor] | None, continuing: bool
@@ -345,7 +345,7 @@ class Tracker:
         if _skipped_by_grad_scaler(optimizer):
             self._skipped_steps.add(opt_index)  # after_scaler_step books the skip
             return
-        self._emit(self._notice_replaced(params))  # before the step begins: a raise here leaves no step open
+        self._outbox.findings(self._notice_replaced(params))  # before the step begins: a raise here leaves no step open
         if self._sinks is not None and self._sinks.update_ratio_due(self.ledger.steps[opt_index]):
             with torch.no_grad():
                 self._weights_before[opt_index] = torch._foreach_mul([p.detach() for _, p in params], 1.0)
@@ -384,10 +384,10 @@ class Tracker:
             if zeroed:
                 out += self._clear(zeroed, ZEROED_BY_HAND, before_step=True)
             booked = ledger.step_end(opt_index, indices)
-            self._emit(out + booked + self._judge_losses(opt_index, window, booked))
+            self._outbox.findings(out + booked + self._judge_losses(opt_index, window, booked))
             return
         booked = self._step_with_sinks(self._sinks, opt_index, params, consumed, changed)
-        self._emit(out + booked + self._judge_losses(opt_index, window, booked))
+        self._outbox.findings(out + booked + self._judge_losses(opt_index, window, booked))
 
     def _step_with_sinks(
         self,
@@ -462,7 +462,9 @@ class Tracker:
                 by_owner.setdefault(ledger.owners[i], []).append(i)
         scaler = self._scaler() if self._scaler is not None else None
         scaled = None if scaler is None else scaler.is_enabled()
-        self._emit([occ for opt, indices in by_owner.items() for occ in ledger.clip(opt, indices, how, scaled)])
+        self._outbox.findings(
+            [occ for opt, indices in by_owner.items() for occ in ledger.clip(opt, indices, how, scaled)]
+        )
 
     def on_unscale(self, opt_index: int, scaler: Any) -> None:
         """``scaler.unscale_(optimizer)`` ran."""
@@ -471,7 +473,7 @@ class Tracker:
         self._know_scaler(scaler)
         out = self.ledger.scaler_reached(opt_index, scaler.is_enabled())
         self.ledger.unscaled(opt_index)
-        self._emit(out)
+        self._outbox.findings(out)
 
     def before_scaler_step(self, opt_index: int, scaler: Any) -> None:
         """``scaler.step(optimizer)`` is about to run (it unscales, then steps unless it found NaN/Inf)."""
@@ -479,7 +481,7 @@ class Tracker:
             return
         self._know_scaler(scaler)
         self._steps_before_scaler[opt_index] = self.ledger.steps[opt_index]
-        self._emit(self.ledger.scaler_reached(opt_index, scaler.is_enabled()))
+        self._outbox.findings(self.ledger.scaler_reached(opt_index, scaler.is_enabled()))
 
     def after_scaler_step(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
         """``scaler.step(optimizer)`` returned: if no step was booked, the scaler skipped it."""
@@ -491,7 +493,9 @@ class Tracker:
             return
         fresh = [(i, p) for i, p in self._params_of(opt_index, optimizer) if ledger.fresh[i]]
         self._check_finite(fresh)  # a rare path: the read says which gradients overflowed
-        self._emit(ledger.skipped_step(opt_index, [i for i, _ in fresh if ledger.nonfinite_at[i] is not None]))
+        self._outbox.findings(
+            ledger.skipped_step(opt_index, [i for i, _ in fresh if ledger.nonfinite_at[i] is not None])
+        )
 
     def on_param_group_added(self, opt_index: int, optimizer: torch.optim.Optimizer) -> list[tuple[int, torch.Tensor]]:
         """``optimizer.add_param_group()`` ran: book the new group's parameters to it (new ones are watched under
@@ -517,7 +521,7 @@ class Tracker:
             else:
                 continue
             booked.append((i, p))
-        self._on_new_params(names)
+        self._outbox.new_params(names)
         if self._sinks is not None:
             self._sinks.param_group_added(opt_index, tuple(i for i, _ in booked), tuple(names))
         self.adopt_existing_gradients([i for i, _ in booked])
@@ -532,13 +536,13 @@ class Tracker:
         """Stop checking (the state may be inconsistent) and report once."""
         if not self.stopped:
             self.stopped = True
-            self._on_internal_error(error, where)
+            self._outbox.stop(f"internal error in {where}", error)
 
     def unsupported(self, reason: str) -> None:
         """Stop checking: the training runs in a mode whose events cannot be read right; report once."""
         if not self.stopped:
             self.stopped = True
-            self._on_unsupported(reason)
+            self._outbox.stop(reason)
 
     def optimizer_lost(self, opt_index: int) -> None:
         """A watched optimizer was garbage-collected (replaced by a new one?). Called from the garbage collector:
@@ -596,7 +600,7 @@ class Tracker:
         out += self._clear(zeroed, ZEROED_BY_HAND, before_step=True) if zeroed else []
         out += self._notice_replaced(alive, supply=False)
         trainable = [p is not None and p.requires_grad for p in params]
-        self._emit(out + self.ledger.finish(trainable))
+        self._outbox.findings(out + self.ledger.finish(trainable))
 
     def finish_sinks(self, findings: list) -> None:
         """Close the sinks with the final findings (also after an internal error)."""
@@ -609,7 +613,7 @@ class Tracker:
         """A clear may drop unconsumed gradients: a window holding NaN/Inf may be dropped on purpose."""
         if self.stopped:
             return
-        self._emit(self._resolve_zeroed_fresh())
+        self._outbox.findings(self._resolve_zeroed_fresh())
         if self.ledger.has_unconsumed(i for i, _ in params):
             self._check_finite([(i, p) for i, p in params if self.ledger.fresh[i]])
 
@@ -622,7 +626,7 @@ class Tracker:
             return
         for i in indices:
             self._zeroed.pop(i, None)
-        self._emit(self._clear(indices, source))
+        self._outbox.findings(self._clear(indices, source))
 
     def _clear(
         self, indices: list[int], source: str, count: bool = True, before_step: bool = False

@@ -15,7 +15,7 @@ import torch
 from .finding_log import POLICIES, FindingLog, OnFinding, warn
 from .findings import KINDS, Finding, GradientBugError
 from .hooks import GRAD_SCALER, HookSet
-from .ledger import NO_OWNER
+from .ledger import NO_OWNER, Ledger, Occurrence
 from .report import render_report
 from .sinks import RunInfo, Sink, Sinks
 from .sinks.build import open_sinks
@@ -53,16 +53,11 @@ class Watcher:
         self._internal_error: str | None = None
         self._tracker = Tracker(
             params,
-            owners,
-            optimizers,
-            accumulation_steps,
-            emit=self._log.record,
-            on_internal_error=self._report_error,
-            on_unsupported=self._report_unsupported,
+            Ledger(owners, len(optimizers), accumulation_steps),
+            _Outbox(self),
             finite_check=finite_check,
             sinks=self._sinks,
             scaler=scaler,
-            on_new_params=self._log.add_names,
             ddp=ddp,
             count_syncs=world_size is not None,  # one rank: DDP's all-reduce communicates nothing
             audit_losses=audit_losses,
@@ -174,14 +169,28 @@ class Watcher:
     def _finding_to_sinks(self, finding: Finding) -> None:
         self._sinks.finding(finding)
 
-    def _report_unsupported(self, reason: str) -> None:
-        self._internal_error = reason
-        warn(f"gradwatch stopped checking: {reason}. Training is not affected.")
 
-    def _report_error(self, error: BaseException, where: str) -> None:
-        self._internal_error = f"internal error in {where}: {error!r}"
+class _Outbox:
+    """The tracker's outbox: findings to the log (and from there to the sinks), a stop reported once. It holds
+    its watcher, so a watch whose ``Watcher`` the caller dropped keeps reporting while the model lives."""
+
+    def __init__(self, watcher: Watcher) -> None:
+        self._watcher = watcher
+
+    def findings(self, occurrences: list[Occurrence]) -> None:
+        self._watcher._log.record(occurrences)
+
+    def new_params(self, names: list[str]) -> None:
+        self._watcher._log.add_names(names)
+
+    def stop(self, reason: str, error: BaseException | None = None) -> None:
+        if error is None:
+            self._watcher._internal_error = reason
+            warn(f"gradwatch stopped checking: {reason}. Training is not affected.")
+            return
+        self._watcher._internal_error = f"{reason}: {error!r}"
         warn(
-            f"gradwatch stopped checking after an internal error in {where}: {error!r}. Training is not "
+            f"gradwatch stopped checking after an {reason}: {error!r}. Training is not "
             "affected; please report this with the traceback of the error."
         )
 
