@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import replace
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import torch
 
@@ -24,6 +23,7 @@ from .hooks import current_graph_task
 from .ledger import NO_OWNER, Ledger, Occurrence
 from .loss_audit import LossAudit, LossCall, describe_call
 from .sinks import Sinks, StepRecord
+from .sinks.telemetry import Telemetry
 from .stats import FiniteChecks, HostBatch, nonfinite_and_zero, nonfinite_positions, read_flags, zero_flags
 
 SET_TO_NONE = ".grad set to None (or replaced)"
@@ -68,11 +68,9 @@ class Tracker:
         self._skipped_steps: set[int] = set()  # optimizers inside a step that GradScaler told to skip
         self._scaler: weakref.ref[Any] | None = weakref.ref(scaler) if scaler is not None else None
         self._steps_before_scaler: dict[int, int] = {}
-        self._weights_before: dict[int, list[torch.Tensor]] = {}  # copies for update ratios, one step long
-        self._contributions: list[tuple[int, list[int], torch.Tensor]] = []  # per backward, read at the step
         self._outbox = outbox
         self._sinks = sinks if sinks else None
-        self.measuring_contributions = bool(sinks) and sinks.contributions_due(0)  # type: ignore[union-attr]
+        self._telemetry = Telemetry(sinks) if sinks else None
         self._ddp = weakref.ref(ddp) if ddp is not None and count_syncs else None
         # DDP rebinds .grad to views of its flat buckets (which share one version counter): under it, only None
         # counts as a clear made by hand and every hook call as a contribution
@@ -87,6 +85,11 @@ class Tracker:
         self.stopped = False
         self._audit = LossAudit() if audit_losses else None
         self.auditing_losses = audit_losses
+
+    @property
+    def measuring_contributions(self) -> bool:
+        """Whether the contribution pre-hooks measure what each pass adds (a sink asked for it this step)."""
+        return self._telemetry is not None and self._telemetry.measuring_contributions
 
     # -- Receiver ----------------------------------------------------------------------------------
     def on_backward_start(self, index: int, param: torch.Tensor) -> None:
@@ -322,10 +325,8 @@ class Tracker:
             synced = bool(getattr(self._ddp(), "require_forward_param_sync", False))  # set by DDP at the forward
             if synced:
                 ledger.backward_synced()
-        if self._sinks is not None:
-            self._sinks.backward(backward, contributed, synced)
-            if incoming:
-                self._queue_contributions(backward, [i for i in contributed if i in incoming], incoming)
+        if self._telemetry is not None:
+            self._telemetry.backward(backward, contributed, synced, incoming)
         if self._zeroed:
             for i in contributed:
                 if ledger.mixed_at[i] is None:
@@ -346,9 +347,8 @@ class Tracker:
             self._skipped_steps.add(opt_index)  # after_scaler_step books the skip
             return
         self._outbox.findings(self._notice_replaced(params))  # before the step begins: a raise here leaves no step open
-        if self._sinks is not None and self._sinks.update_ratio_due(self.ledger.steps[opt_index]):
-            with torch.no_grad():
-                self._weights_before[opt_index] = torch._foreach_mul([p.detach() for _, p in params], 1.0)
+        if self._telemetry is not None:
+            self._telemetry.before_step(opt_index, self.ledger.steps[opt_index], [p for _, p in params])
         self.ledger.step_begin(opt_index)
 
     def on_step_post(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
@@ -372,7 +372,7 @@ class Tracker:
         out = self._resolve_zeroed_fresh() if self._zeroed_fresh else []
         consumed, changed = self._scan_after_step(params)
         window = self._loss_window(opt_index, consumed) if self._audit is not None else None
-        if self._sinks is None:
+        if self._telemetry is None:
             zero = None
             if not self._check_every_backward:
                 bad, zero = nonfinite_and_zero([p.grad for _, p in consumed], changed)  # type: ignore[misc]
@@ -386,31 +386,25 @@ class Tracker:
             booked = ledger.step_end(opt_index, indices)
             self._outbox.findings(out + booked + self._judge_losses(opt_index, window, booked))
             return
-        booked = self._step_with_sinks(self._sinks, opt_index, params, consumed, changed)
+        booked = self._step_with_telemetry(self._telemetry, opt_index, params, consumed, changed)
         self._outbox.findings(out + booked + self._judge_losses(opt_index, window, booked))
 
-    def _step_with_sinks(
+    def _step_with_telemetry(
         self,
-        sinks: Sinks,
+        telemetry: Telemetry,
         opt_index: int,
         params: list[tuple[int, torch.Tensor]],
         consumed: list[tuple[int, torch.Tensor]],
         changed: list[int],
     ) -> list[Occurrence]:
-        """Book the step and hand its statistics to the sinks; all of them reach the host in one transfer."""
+        """Book the step and hand its statistics to the sinks; all of them reach the host in one transfer, and the
+        gradient norms read for the sinks serve the NaN/Inf check and the hand-zeroed check too."""
         ledger = self.ledger
         batch = HostBatch()
-        contributions = self._schedule_contributions(batch)
-        grad_norms = batch.norms([p.grad for _, p in consumed]) if sinks.wants_norms else None
-        before = self._weights_before.pop(opt_index, None)
-        updates = None
-        if before is not None and len(before) == len(params):
-            with torch.no_grad():
-                after = [p.detach() for _, p in params]
-                updates = batch.norms(torch._foreach_sub(after, before)), batch.norms(after)
+        grads = [p.grad for _, p in consumed]
+        scheduled = telemetry.schedule_step(batch, opt_index, [p for _, p in params], grads)
         batch.read()
-        self._send_contributions(contributions)
-        norms = grad_norms() if grad_norms is not None else None
+        norms = scheduled.grad_norms() if scheduled.grad_norms is not None else None
         self._check_finite(consumed, norms)
         zero = [pos for pos, n in enumerate(norms) if n == 0.0] if norms is not None else None
         zeroed = self._hand_zeroed(consumed, changed, zero) if changed else []
@@ -421,15 +415,8 @@ class Tracker:
         record = StepRecord(
             opt_index, step, ledger.backwards, window, tuple(i for i, _ in consumed), tuple(norms or ()), adopted
         )
-        if updates is not None:
-            updated = tuple(i for i, _ in params)
-            record = replace(
-                record, updated=updated, update_norms=tuple(updates[0]()), weight_norms=tuple(updates[1]())
-            )
-        if sinks.histogram_due(step):
-            record = replace(record, grads={i: p.grad for i, p in consumed if p.grad is not None})
-        sinks.step(record)
-        self.measuring_contributions = sinks.contributions_due(max(ledger.steps))
+        present = {i: g for (i, _), g in zip(consumed, grads, strict=True) if g is not None}
+        telemetry.step(scheduled, record, tuple(i for i, _ in params), present, max(ledger.steps))
         return out
 
     def before_optimizer_clear(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
@@ -564,7 +551,8 @@ class Tracker:
         self._params = [_dead_ref] * len(self._params)
         self._grad_refs = [None] * len(self._grad_refs)
         self._zeroed.clear()
-        self._weights_before.clear()
+        if self._telemetry is not None:
+            self._telemetry.release()
         self._index.clear()
 
     def watches_tensor(self, tensor: torch.Tensor) -> bool:
@@ -604,9 +592,9 @@ class Tracker:
 
     def finish_sinks(self, findings: list) -> None:
         """Close the sinks with the final findings (also after an internal error)."""
-        if self._sinks is not None:
-            self._flush_contributions()
-            self._sinks.finished(findings, self.ledger.backwards, list(self.ledger.steps))
+        if self._telemetry is not None:
+            self._telemetry.flush()
+            self._telemetry.sinks.finished(findings, self.ledger.backwards, list(self.ledger.steps))
 
     # -- helpers -----------------------------------------------------------------------------------
     def _before_clear(self, params: list[tuple[int, torch.Tensor]]) -> None:
@@ -704,32 +692,6 @@ class Tracker:
         present = [(i, p.grad) for i, p in params if p.grad is not None]
         bad = nonfinite_positions([g for _, g in present])  # type: ignore[misc]
         self._mark_nonfinite([present[pos][0] for pos in bad])
-
-    def _queue_contributions(self, backward: int, indices: list[int], incoming: dict[int, torch.Tensor]) -> None:
-        if indices:
-            norms = [incoming[i] for i in indices]
-            if len({n.dtype for n in norms}) > 1 or len({n.device for n in norms}) > 1:
-                norms = [n.float().cpu() for n in norms]
-            self._contributions.append((backward, indices, torch.stack(norms)))
-            if len(self._contributions) >= FiniteChecks.max_pending:
-                self._flush_contributions()
-
-    def _schedule_contributions(self, batch: HostBatch) -> list[tuple[int, list[int], Callable[[], list[float]]]]:
-        queued, self._contributions = self._contributions, []
-        return [(backward, indices, batch.vector(norms)) for backward, indices, norms in queued]
-
-    def _send_contributions(self, scheduled: list[tuple[int, list[int], Callable[[], list[float]]]]) -> None:
-        if self._sinks is not None:
-            for backward, indices, get in scheduled:
-                self._sinks.contributions(backward, indices, get())
-
-    def _flush_contributions(self) -> None:
-        """Hand the queued per-backward contribution norms to the sinks (outside a step): one read."""
-        if self._contributions and self._sinks is not None:
-            batch = HostBatch()
-            scheduled = self._schedule_contributions(batch)
-            batch.read()
-            self._send_contributions(scheduled)
 
     def _mark_nonfinite(self, indices: list[int]) -> None:
         ledger = self.ledger

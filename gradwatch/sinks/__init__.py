@@ -35,8 +35,8 @@ class StepRecord:
     updated: tuple[int, ...] = ()
     update_norms: tuple[float, ...] = ()
     weight_norms: tuple[float, ...] = ()
-    # on histogram steps: the consumed gradients themselves, by parameter index (valid during the call only)
-    grads: dict[int, Any] = field(default_factory=dict)
+    # on histogram steps: the consumed gradients' values as flat float32 host arrays, by parameter index
+    histograms: dict[int, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
+import numpy
 
 from .. import timeline
 from ..findings import Finding
@@ -135,15 +135,12 @@ class TensorBoardSink(Sink):
             for layer, update in updates.items():
                 if weights[layer] > 0:
                     self._writer.add_scalar(f"update_ratio/{prefix}{layer}", math.sqrt(update / weights[layer]), s)
-        if record.grads:
+        if record.histograms:
             by_layer: dict[str, list] = {}
-            for i, grad in record.grads.items():
-                values = grad.detach()
-                if values.is_complex():  # real and imaginary parts, not a cast that drops the imaginary one
-                    values = torch.view_as_real(values)
-                by_layer.setdefault(layer_of(self._names[i]), []).append(values.reshape(-1).float().cpu())
+            for i, values in record.histograms.items():
+                by_layer.setdefault(layer_of(self._names[i]), []).append(values)
             for layer, parts in by_layer.items():
-                values = parts[0] if len(parts) == 1 else torch.cat(parts)
+                values = parts[0] if len(parts) == 1 else numpy.concatenate(parts)
                 self._writer.add_histogram(f"grad/{prefix}{layer}", values, s)
 
     def loss_weights(self, weights: LossWeights) -> None:
