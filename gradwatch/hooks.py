@@ -338,6 +338,11 @@ class _GlobalPatch:
         self._dispatcher: Callable[..., Any] | None = None
 
     def add(self, hooks: HookSet) -> None:
+        if self._original is not None and not self.watches and getattr(self.owner, self.name) is not self._dispatcher:
+            # our dispatcher was left under someone else's patch, which is gone or still calls it: start over on
+            # top of what is there now (the old dispatcher keeps its empty Watches and only passes calls through)
+            self._original = self._dispatcher = None
+            self.watches = Watches(self._restore_if_unused)
         if self._original is None:
             self._original = getattr(self.owner, self.name)
             self._dispatcher = functools.wraps(self._original)(self._make(self._original, self.watches))

@@ -78,7 +78,18 @@ def nonfinite_positions(tensors: Sequence[torch.Tensor]) -> list[int]:
     for positions, norms in groups:
         finite = [math.isfinite(n) for n in _values(norms)]
         bad.extend(p for p, ok in zip(positions, finite, strict=True) if not ok)
-    return bad
+    return confirm_nonfinite(tensors, sorted(bad))
+
+
+def confirm_nonfinite(tensors: Sequence[torch.Tensor | None], suspects: Sequence[int]) -> list[int]:
+    """The ``suspects`` (positions whose norm is not finite) that do hold NaN/Inf: a norm of finite values can
+    overflow (float32 values near 1e19 and up). Reads one flag per suspect, on this rare path only."""
+    present = [pos for pos in suspects if tensors[pos] is not None]
+    if not present:
+        return list(suspects)
+    flags = _to_host([~torch.isfinite(tensors[pos]).all() for pos in present])  # type: ignore[arg-type]
+    unconfirmed = {pos for pos, bad in zip(present, flags, strict=True) if not bad}
+    return [pos for pos in suspects if pos not in unconfirmed]
 
 
 def nonfinite_and_zero(tensors: Sequence[torch.Tensor], candidates: Sequence[int]) -> tuple[list[int], list[int]]:
@@ -90,7 +101,7 @@ def nonfinite_and_zero(tensors: Sequence[torch.Tensor], candidates: Sequence[int
     for positions, norms in _foreach_norms(tensors):
         values.update(zip(positions, _values(norms), strict=True))
     bad = sorted(p for p, v in values.items() if not math.isfinite(v))
-    return bad, [p for p in candidates if values.get(p) == 0.0]
+    return confirm_nonfinite(tensors, bad) if bad else [], [p for p in candidates if values.get(p) == 0.0]
 
 
 def _foreach_norms(tensors: Sequence[torch.Tensor]) -> list[tuple[list[int], list[torch.Tensor]]]:

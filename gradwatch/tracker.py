@@ -24,7 +24,15 @@ from .ledger import NO_OWNER, Ledger, Occurrence
 from .loss_audit import LossAudit, LossCall, describe_call
 from .sinks import Sinks, StepRecord
 from .sinks.telemetry import Telemetry
-from .stats import FiniteChecks, HostBatch, nonfinite_and_zero, nonfinite_positions, read_flags, zero_flags
+from .stats import (
+    FiniteChecks,
+    HostBatch,
+    confirm_nonfinite,
+    nonfinite_and_zero,
+    nonfinite_positions,
+    read_flags,
+    zero_flags,
+)
 
 SET_TO_NONE = ".grad set to None (or replaced)"
 WINDOW_KINDS = (ACCUMULATION_MISMATCH, DISCARDED, EMPTY_STEP, STALE)  # a window wrong in size or content
@@ -687,7 +695,10 @@ class Tracker:
                 self._read_finite_checks()
             return
         if norms is not None:
-            self._mark_nonfinite([i for (i, _), n in zip(params, norms, strict=True) if not math.isfinite(n)])
+            suspects = [pos for pos, n in enumerate(norms) if not math.isfinite(n)]
+            if suspects:
+                confirmed = confirm_nonfinite([p.grad for _, p in params], suspects)
+                self._mark_nonfinite([params[pos][0] for pos in confirmed])
             return
         present = [(i, p.grad) for i, p in params if p.grad is not None]
         bad = nonfinite_positions([g for _, g in present])  # type: ignore[misc]
@@ -726,7 +737,14 @@ class Tracker:
 
     def _read_finite_checks(self) -> None:
         owners = self.ledger.owners
-        for i, owner_steps, backward in self._finite.resolve():
+        found = self._finite.resolve()
+        if not found:
+            return
+        # a norm of finite values can overflow: confirm on the .grad, which still holds that pass's values
+        # (NaN and Inf survive accumulation) unless it was replaced since
+        grads = [p.grad if (p := self._params[i]()) is not None else None for i, _, _ in found]
+        for pos in confirm_nonfinite(grads, list(range(len(found)))):
+            i, owner_steps, backward = found[pos]
             self.ledger.mark_nonfinite(i, owner_steps[owners[i]], backward)
 
     def _same_grad(self, i: int, grad: torch.Tensor) -> bool:

@@ -474,3 +474,26 @@ def test_clipping_every_micro_batch_with_a_zero_gradient_among_them():
                 opt.zero_grad()
 
     assert _clean_and_unchanged(_sgd(_WithAZeroGradient), loop, accumulation_steps=ACC).findings == []
+
+
+@pytest.mark.parametrize("finite_check", ["step", "backward"])
+@pytest.mark.parametrize("streaming", [False, True], ids=["detect", "tensorboard"])
+def test_huge_but_finite_gradients_are_not_called_non_finite(finite_check, streaming, tmp_path):
+    """Gradients near 1e20 are finite, but their 2-norm overflows float32: the values are checked before accusing."""
+    data = [(torch.full((4, 10), 1e19), None) for _ in range(4)]
+
+    def loop(model, opts):
+        (opt,) = opts
+        for i, (x, _) in enumerate(data):
+            (model(x).sum() / ACC).backward()
+            if (i + 1) % ACC == 0:
+                opt.step()
+                opt.zero_grad()
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(10, 1)
+        return model, [torch.optim.SGD(model.parameters(), lr=1e-30)]
+
+    logdir = tmp_path if streaming else None
+    _clean_and_unchanged(build, loop, accumulation_steps=ACC, finite_check=finite_check, logdir=logdir)

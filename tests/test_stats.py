@@ -1,0 +1,71 @@
+"""Batched device checks (stats.py), against values computed one tensor at a time."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gradwatch.stats import FiniteChecks, HostBatch, nonfinite_and_zero, nonfinite_positions, read_flags, zero_flags
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+KINDS = ["normal", "zero", "nan", "inf"]
+
+
+def _tensor(kind: str, dtype: torch.dtype, size: int) -> torch.Tensor:
+    t = torch.randn(size, generator=torch.Generator().manual_seed(size)).to(dtype)
+    if kind == "zero":
+        return torch.zeros(size, dtype=dtype)
+    if kind in ("nan", "inf"):
+        t[size // 2] = float(kind)
+    return t
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(KINDS), st.sampled_from(DTYPES), st.integers(1, 40)), max_size=70))
+def test_nonfinite_and_zero_positions_match_one_tensor_at_a_time(specs):
+    tensors = [_tensor(kind, dtype, size) for kind, dtype, size in specs]
+    bad = [pos for pos, t in enumerate(tensors) if not torch.isfinite(t).all()]
+    zero = [pos for pos, t in enumerate(tensors) if not t.any()]
+    assert sorted(nonfinite_positions(tensors)) == bad
+    assert nonfinite_and_zero(tensors, list(range(len(tensors)))) == (bad, zero)
+    assert nonfinite_and_zero(tensors, []) == (bad, [])
+
+
+def test_zero_flags_read_in_one_go_per_position_and_per_group():
+    grads = [torch.zeros(3), torch.ones(2), torch.zeros(4, dtype=torch.float64)]
+    groups = zero_flags(grads)
+    flags = [(zeros, at) for _, zeros in groups for at in range(len(zeros))]
+    positions = [pos for positions, _ in groups for pos in positions]
+    assert dict(zip(positions, read_flags(flags), strict=True)) == {0: True, 1: False, 2: True}
+    assert read_flags([(zeros, None) for _, zeros in groups]) == [False, True]  # float32 group has a non-zero
+
+
+def test_host_batch_reads_norms_and_vectors_together():
+    batch = HostBatch()
+    tensors = [torch.tensor([3.0, 4.0]), None, torch.tensor([1.0], dtype=torch.float64), torch.zeros(2)]
+    norms = batch.norms(tensors)
+    vector = batch.vector(torch.tensor([0.5, 2.0]))
+    batch.read()
+    assert norms() == [5.0, 0.0, 1.0, 0.0]
+    assert vector() == [0.5, 2.0]
+
+
+def test_finite_checks_name_the_pass_and_the_parameter():
+    checks = FiniteChecks()
+    checks.add(0, (0,), [10, 11], [torch.ones(2), torch.ones(2)])
+    checks.add(1, (0,), [10, 11], [torch.ones(2), torch.tensor([1.0, math.inf])])
+    assert len(checks) == 2
+    assert checks.resolve() == [(11, (0,), 1)]
+    assert len(checks) == 0 and checks.resolve() == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_overflowing_norm_of_finite_values_is_not_a_nan(dtype):
+    big = torch.full((1000,), torch.finfo(dtype).max / 2, dtype=dtype)  # finite, but its 2-norm overflows
+    nan = torch.tensor([1.0, math.nan], dtype=dtype)
+    assert nonfinite_positions([big, torch.ones(3, dtype=dtype), nan]) == [2]
+    assert nonfinite_and_zero([big, nan], [0, 1]) == ([1], [])
