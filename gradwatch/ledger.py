@@ -45,22 +45,38 @@ class Occurrence:
     where: tuple[str, int] | None = field(default=None, compare=False)  # the user's line that caused it, if known
 
 
+# The per-parameter fields, declared once: (name, value of a parameter not seen yet). Every list has one entry
+# per watched parameter; ``__init__`` and ``add_param`` both build them from here.
+PER_PARAM: tuple[tuple[str, object], ...] = (
+    ("fresh", 0),  # contributions not yet consumed
+    ("consumed", 0),  # contributions consumed by a step and still in .grad
+    ("fresh_first", 0),  # backward index of the first fresh contribution
+    ("fresh_last", -1),  # backward index of the latest fresh contribution
+    ("mixed_at", None),  # (step, backward) where fresh contributions landed on consumed ones
+    ("nonfinite_at", None),  # (step, first, last backward) of NaN/Inf; first == last when checked per backward
+    ("received", False),  # ever received a gradient
+    ("adopted", 0),  # .grad held a gradient of unknown origin when watched: REPORTED or SILENT
+)
+
+
 class Ledger:
     """Counters per parameter and the rules that turn lifecycle events into occurrences."""
+
+    fresh: list[int]
+    consumed: list[int]
+    fresh_first: list[int]
+    fresh_last: list[int]
+    mixed_at: list[tuple[int, int] | None]
+    nonfinite_at: list[tuple[int, int, int] | None]
+    received: list[bool]
+    adopted: list[int]
 
     def __init__(self, owners: Sequence[int], n_optimizers: int, accumulation_steps: int | None = None) -> None:
         n = len(owners)
         self.owners = list(owners)
         self.accumulation_steps = accumulation_steps
-        self.fresh = [0] * n  # contributions not yet consumed
-        self.consumed = [0] * n  # contributions consumed by a step and still in .grad
-        self.fresh_first = [0] * n  # backward index of the first fresh contribution
-        self.fresh_last = [-1] * n  # backward index of the latest fresh contribution
-        self.mixed_at: list[tuple[int, int] | None] = [None] * n  # (step, backward) fresh landed on consumed
-        # (step, first, last backward) where NaN/Inf appeared; first == last when checked after every backward
-        self.nonfinite_at: list[tuple[int, int, int] | None] = [None] * n
-        self.received = [False] * n
-        self.adopted = [0] * n  # .grad held a gradient of unknown origin when watched: REPORTED or SILENT
+        for name, initial in PER_PARAM:
+            setattr(self, name, [initial] * n)
         self.steps = [0] * n_optimizers
         self.in_step = [0] * n_optimizers
         self.n_fresh = [0] * n_optimizers  # parameters of each optimizer holding fresh contributions
@@ -157,19 +173,17 @@ class Ledger:
 
     def add_param(self, owner: int) -> int:
         """Watch one more parameter (added to optimizer ``owner`` during the run); returns its index."""
-        for per_param, value in (
-            (self.owners, owner),
-            (self.fresh, 0),
-            (self.consumed, 0),
-            (self.fresh_first, 0),
-            (self.fresh_last, -1),
-            (self.mixed_at, None),
-            (self.nonfinite_at, None),
-            (self.received, False),
-            (self.adopted, 0),
-        ):
-            per_param.append(value)  # type: ignore[attr-defined]
+        self.owners.append(owner)
+        for name, initial in PER_PARAM:
+            getattr(self, name).append(initial)
         return len(self.owners) - 1
+
+    def book(self, i: int, owner: int) -> bool:
+        """Book parameter ``i``, which no optimizer held until now, to optimizer ``owner``; False if one did."""
+        if self.owners[i] != NO_OWNER:
+            return False
+        self.owners[i] = owner
+        return True
 
     def has_unconsumed(self, indices: Iterable[int]) -> bool:
         """Whether clearing ``indices`` would drop contributions no step consumed."""

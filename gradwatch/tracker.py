@@ -511,9 +511,7 @@ class Tracker:
                 self._weight_versions.append(p._version)
                 ledger.add_param(opt_index)
                 names.append(f"optimizer[{opt_index}].param_groups[{g}][{j}]")
-            elif ledger.owners[i] == NO_OWNER:
-                ledger.owners[i] = opt_index  # a model parameter that no optimizer held until now
-            else:
+            elif not ledger.book(i, opt_index):  # held by an optimizer already
                 continue
             booked.append((i, p))
         self._outbox.new_params(names)
