@@ -14,12 +14,9 @@ import weakref
 from typing import Any
 
 import torch
-from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from .hooks import global_module_hooks, global_step_pre_hook, is_compiling
 from .watcher import Watcher, unwrap_optimizer, watch
-
-_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 
 class AutoAttach:
@@ -36,11 +33,8 @@ class AutoAttach:
         self._step_handle: Any = None
 
     def install(self) -> None:
-        self._module_handles = [
-            register_module_forward_pre_hook(self._forward_pre),
-            register_module_forward_hook(self._forward_post, always_call=True),
-        ]
-        self._step_handle = register_optimizer_step_pre_hook(self._first_step)
+        self._module_handles = global_module_hooks(self._forward_pre, self._forward_post)
+        self._step_handle = global_step_pre_hook(self._first_step)
 
     def remove(self) -> None:
         """Remove the global hooks and detach the watcher (its end-of-run checks run here)."""
@@ -54,7 +48,7 @@ class AutoAttach:
             self.watcher.detach()
 
     def _forward_pre(self, module: torch.nn.Module, args: Any) -> None:
-        if _is_compiling():
+        if is_compiling():
             return
         if self._depth == 0 and module not in self._seen:
             self._seen.add(module)
@@ -62,7 +56,7 @@ class AutoAttach:
         self._depth += 1
 
     def _forward_post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        if not _is_compiling():
+        if not is_compiling():
             self._depth = max(0, self._depth - 1)
 
     def _first_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

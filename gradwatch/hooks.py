@@ -473,6 +473,27 @@ def _loss_reached(receiver: Receiver, call: Any, grad: torch.Tensor) -> None:
 _is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)  # since 2.3
 
 
+def is_compiling() -> bool:
+    """Whether dynamo is tracing the running code (hooks then do nothing: their Python would be traced)."""
+    return _is_compiling()
+
+
+def global_module_hooks(
+    pre: Callable[[torch.nn.Module, Any], None], post: Callable[[torch.nn.Module, Any, Any], None]
+) -> list[Any]:
+    """A forward pre/post hook pair on every module of the process (``gradwatch run``); returns the handles."""
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+    return [register_module_forward_pre_hook(pre), register_module_forward_hook(post, always_call=True)]
+
+
+def global_step_pre_hook(hook: Callable[[torch.optim.Optimizer, Any, Any], None]) -> Any:
+    """A step pre-hook on every optimizer of the process (``gradwatch run``); returns the handle."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    return register_optimizer_step_pre_hook(hook)
+
+
 SWAPPED = (
     "torch.utils.swap_tensors swapped a watched parameter or gradient (model.to() or load_state_dict() under "
     "torch.__future__.set_swap_module_params_on_conversion(True), FSDP2, parametrizations), which takes the "
