@@ -51,12 +51,13 @@ class LossCall:
     """One audited call of a loss function whose output requires grad."""
 
     loss: str
-    ordinal: int  # its place among the calls of that function since the last backward pass
+    sequence: int  # the order of the calls (a pass's calls of one function are numbered in this order)
     reduction: str
     count: torch.Tensor | float  # the elements the reduction counts (the class-weight sum under ``weight=``)
     mask: torch.Tensor | None  # ``reduction='none'`` with ``ignore_index``: the elements that count
     upstream: torch.Tensor | None = None  # mean/sum: the scalar into the output; none: [total, max, min, n]
     task: int = -1  # the autograd graph task that reached the output
+    ordinal: int = 0  # its place among the calls of its function that the same backward pass reached
 
 
 _POSITIONS = {loss: {name: at for at, name in enumerate(names)} for loss, names in LOSS_ARGUMENTS.items()}
@@ -119,16 +120,15 @@ class LossAudit:
         self.due = True  # whether the calls of the coming window are audited
         self._last_short: int | None = None  # the latest step on a short window (an epoch's last)
         self._short_every: int | None = None  # steps between the last two short windows (an epoch, in steps)
-        self._ordinals: dict[str, int] = {}
+        self._calls = 0
         self._reached: list[LossCall] = []  # outputs the running (or a foreign) graph task reached
         self._by_pass: dict[int, list[LossCall]] = {}
 
     def called(self, loss: str, described: tuple[str, Any, Any]) -> LossCall:
         """A loss call to audit (its output requires grad)."""
-        ordinal = self._ordinals.get(loss, 0)
-        self._ordinals[loss] = ordinal + 1
+        self._calls += 1
         reduction, count, mask = described
-        return LossCall(loss, ordinal, reduction, count, mask)
+        return LossCall(loss, self._calls, reduction, count, mask)
 
     def reached(self, call: LossCall, grad: torch.Tensor, task: int) -> None:
         """A backward pass (graph task ``task``) reached the call's output with ``grad``."""
@@ -139,13 +139,16 @@ class LossAudit:
 
     def pass_ended(self, backward: int, task: int) -> None:
         """Backward pass ``backward`` (graph task ``task``) was booked: it owns the calls its task reached."""
-        if not self._reached and not self._ordinals:
+        if not self._reached:
             return
         reached, self._reached = self._reached, []
-        mine = [call for call in reached if call.task == task]
+        mine = sorted((call for call in reached if call.task == task), key=lambda call: call.sequence)
+        ordinals: dict[str, int] = {}  # calls whose output never reached backward (logging, eval) take no place
+        for call in mine:
+            call.ordinal = ordinals.get(call.loss, 0)
+            ordinals[call.loss] = call.ordinal + 1
         if mine:
             self._by_pass.setdefault(backward, []).extend(mine)
-        self._ordinals.clear()
 
     def pending(self) -> bool:
         return bool(self._by_pass)

@@ -168,6 +168,19 @@ def test_a_short_last_window_divided_by_its_own_size_is_clean():
     assert _reference_loop(lambda i, n: window_size(i, n, ACC), batches=7).findings == []
 
 
+def test_a_loss_computed_for_logging_in_some_passes_only_takes_no_slot():
+    model, opt = reference_model()
+    with watch(model, opt, accumulation_steps=ACC) as w:
+        for i, (x, y) in enumerate(reference_data()):
+            if i % 3 == 0:
+                F.mse_loss(model(x), y)  # an evaluation with grad on, never backwarded
+            F.mse_loss(model(x), y).backward()  # never divided
+            if (i + 1) % ACC == 0:
+                opt.step()
+                opt.zero_grad()
+    assert _only(w, "loss-scale").count == 4  # every window, the logging calls notwithstanding
+
+
 def test_validation_losses_and_autograd_grad_are_not_counted():
     model, opt = reference_model()
     data = reference_data()
