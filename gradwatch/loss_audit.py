@@ -6,7 +6,7 @@ element weighs 1), and, once the backward pass reaches its output, the scalar th
 ``(loss / K).backward()`` it is 1/K). Both stay on the device until the step that consumes the window, which
 reads them in one transfer and judges the window:
 
-- ``uneven-loss-weights``: within one loss (a *slot*: the k-th call of one loss function in a pass), the
+- ``uneven-loss-weights``: within one loss (a *slot*: the k-th call of one loss function that the pass reached), the
   elements of one pass weigh more than those of another (each micro-batch normalised by its own count);
 - ``loss-scale``: the window's total weight is not 1 (the window's gradient is not its mean), and the factor
   is one a loop makes by mistake: K (never divided), 1/K (divided twice), m/K (a short window of m passes
