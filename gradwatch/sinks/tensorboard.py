@@ -5,15 +5,17 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy
+from tensorboard.compat.proto.summary_pb2 import Summary
 
 from .. import timeline
 from ..findings import Finding
 from . import LossWeights, RunInfo, Sink, StepRecord
 
 TIMELINE_NAME = "gradwatch-timeline.png"
+MAX_HELD_STEPS = 64  # step values whose scalars wait for the end of an optimizer step
 PER_PARAM_LIMIT = 32  # above this many parameters, gradient norms are logged per layer
 PER_LAYER_LIMIT = 64  # above this many layers, per contiguous range of layers
 RANGES = 32
@@ -69,6 +71,7 @@ class TensorBoardSink(Sink):
         self._n_optimizers = 1
         self._clears = 0
         self._findings: list[Finding] = []
+        self._scalars: dict[int, list[Any]] = {}  # scalars by their step, written as one event per step value
 
     def started(self, info: RunInfo) -> None:
         self._names = list(info.params)
@@ -107,34 +110,34 @@ class TensorBoardSink(Sink):
             self._timeline.append(event)
 
     def backward(self, backward: int, params: Sequence[int], synced: bool | None) -> None:
-        self._writer.add_scalar("lifecycle/params_per_backward", len(params), backward)
+        self._scalar("lifecycle/params_per_backward", len(params), backward)
         if synced is not None:
-            self._writer.add_scalar("lifecycle/allreduce", float(synced), backward)
+            self._scalar("lifecycle/allreduce", float(synced), backward)
         self._remember({"event": "backward", "backward": backward})
 
     def contributions(self, backward: int, params: Sequence[int], norms: Sequence[float]) -> None:
         """The norm of what one backward pass added, per parameter group, on the backward-pass axis."""
         for group, square in self._group_squares(params, norms, self._groups).items():
-            self._writer.add_scalar(f"contribution_norm/{group}", math.sqrt(square), backward)
+            self._scalar(f"contribution_norm/{group}", math.sqrt(square), backward)
 
     def step(self, record: StepRecord) -> None:
         prefix = f"opt{record.optimizer}/" if self._n_optimizers > 1 else ""
         s = record.step
         if not record.adopted:  # a window begun before the watch has no known size: no point rather than a wrong one
-            self._writer.add_scalar(f"lifecycle/{prefix}backward_passes_per_step", record.window, s)
+            self._scalar(f"lifecycle/{prefix}backward_passes_per_step", record.window, s)
         self._remember({"event": "step", "optimizer": record.optimizer, "step": s, "window": record.window})
         if record.grad_norms:
             squares = self._group_squares(record.params, record.grad_norms, self._groups)
             for group, square in squares.items():
-                self._writer.add_scalar(f"grad_norm/{prefix}{group}", math.sqrt(square), s)
-            self._writer.add_scalar(f"grad_norm/{prefix}total", math.sqrt(sum(squares.values())), s)
+                self._scalar(f"grad_norm/{prefix}{group}", math.sqrt(square), s)
+            self._scalar(f"grad_norm/{prefix}total", math.sqrt(sum(squares.values())), s)
         if record.update_norms:
             layers = [layer_of(n) for n in self._names]
             updates = self._group_squares(record.updated, record.update_norms, layers)
             weights = self._group_squares(record.updated, record.weight_norms, layers)
             for layer, update in updates.items():
                 if weights[layer] > 0:
-                    self._writer.add_scalar(f"update_ratio/{prefix}{layer}", math.sqrt(update / weights[layer]), s)
+                    self._scalar(f"update_ratio/{prefix}{layer}", math.sqrt(update / weights[layer]), s)
         if record.histograms:
             by_layer: dict[str, list] = {}
             for i, values in record.histograms.items():
@@ -142,14 +145,15 @@ class TensorBoardSink(Sink):
             for layer, parts in by_layer.items():
                 values = parts[0] if len(parts) == 1 else numpy.concatenate(parts)
                 self._writer.add_histogram(f"grad/{prefix}{layer}", values, s)
+        self._write_scalars()
 
     def loss_weights(self, weights: LossWeights) -> None:
         """The loss-weight audit of one window: 1.0 and 1.0 when every element weighs the same and the weights sum to
         the window's mean."""
         prefix = f"opt{weights.optimizer}/" if self._n_optimizers > 1 else ""
         if weights.weight_sum is not None:
-            self._writer.add_scalar(f"loss_weights/{prefix}window_weight_sum", weights.weight_sum, weights.step)
-        self._writer.add_scalar(f"loss_weights/{prefix}max_min_ratio", weights.weight_ratio, weights.step)
+            self._scalar(f"loss_weights/{prefix}window_weight_sum", weights.weight_sum, weights.step)
+        self._scalar(f"loss_weights/{prefix}max_min_ratio", weights.weight_ratio, weights.step)
 
     @staticmethod
     def _group_squares(params: Sequence[int], norms: Sequence[float], groups: Sequence[str]) -> dict[str, float]:
@@ -165,17 +169,32 @@ class TensorBoardSink(Sink):
 
     def cleared(self, backward: int, source: str, params: int, discarded: int) -> None:
         self._clears += 1
-        self._writer.add_scalar("lifecycle/clears", self._clears, backward)
+        self._scalar("lifecycle/clears", self._clears, backward)
         self._remember({"event": "clear", "backward": backward, "source": source})
 
     def finding(self, finding: Finding) -> None:
         self._findings.append(finding)
         self._remember({"event": "finding", "kind": finding.kind, "step": finding.step, "backward": finding.backward})
-        self._writer.add_scalar("lifecycle/findings", len(self._findings), finding.step)
+        self._scalar("lifecycle/findings", len(self._findings), finding.step)
         self._writer.add_text("gradwatch/findings", findings_table(self._findings), finding.step)
+        self._write_scalars()
         self._writer.flush()
 
+    def _scalar(self, tag: str, value: float, step: int) -> None:
+        """A scalar, held until the optimizer step ends: all the scalars of one step value go out as one event
+        (one ``add_scalar`` event per value cost several times the bare step on small models)."""
+        self._scalars.setdefault(step, []).append(Summary.Value(tag=tag, simple_value=float(value)))
+        if len(self._scalars) > MAX_HELD_STEPS:  # backward passes and no step: do not hold them for ever
+            self._write_scalars()
+
+    def _write_scalars(self) -> None:
+        pending, self._scalars = self._scalars, {}
+        file_writer = self._writer._get_file_writer()
+        for step, values in pending.items():
+            file_writer.add_summary(Summary(value=values), step)
+
     def finished(self, findings: Sequence[Finding], backwards: int, steps: Sequence[int]) -> None:
+        self._write_scalars()
         last_step = max(steps, default=0)
         self._writer.add_text("gradwatch/findings", findings_table(findings), last_step)
         if timeline.available():
@@ -186,7 +205,10 @@ class TensorBoardSink(Sink):
         self.abandon()
 
     def abandon(self) -> None:
-        self._writer.close()
+        try:
+            self._write_scalars()
+        finally:
+            self._writer.close()
 
 
 def choose_groups(names: Sequence[str], group_by: str) -> list[str]:
