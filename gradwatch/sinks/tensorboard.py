@@ -189,6 +189,8 @@ class TensorBoardSink(Sink):
 
     def _write_scalars(self) -> None:
         pending, self._scalars = self._scalars, {}
+        if not pending:
+            return
         file_writer = self._writer._get_file_writer()
         for step, values in pending.items():
             file_writer.add_summary(Summary(value=values), step)
