@@ -392,6 +392,15 @@ class Ledger:
         """(first, last) backward pass of parameter ``i``'s fresh contributions."""
         return self.fresh_first[i], self.fresh_last[i]
 
+    def pending_window(self, opt: int, indices: Iterable[int]) -> tuple[int, int, int] | None:
+        """(first pass, last pass, passes) of the window that optimizer ``opt`` would consume now over ``indices``;
+        None when nothing is fresh or the window began before the watch (its size is unknown)."""
+        fresh = [i for i in indices if self.fresh[i]]
+        if not fresh or opt in self.unknown_window:
+            return None
+        first = min(self.fresh_first[i] for i in fresh)
+        return first, max(self.fresh_last[i] for i in fresh), max(self.fresh[i] for i in fresh)
+
     def step_begin(self, opt: int) -> None:
         """An optimizer step starts (a closure may run backward and clears until ``step_end``)."""
         self.in_step[opt] += 1

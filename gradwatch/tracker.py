@@ -171,15 +171,10 @@ class Tracker:
     def _loss_window(self, opt_index: int, consumed: list[tuple[int, torch.Tensor]]) -> tuple[int, ...] | None:
         """(step, first pass, last pass, passes) of the window a step consumes, if its loss calls are to be judged
         (taken before the ledger books the step)."""
-        audit, ledger = self._audit, self.ledger
-        if audit is None or not audit.pending():
+        if self._audit is None or not self._audit.pending():
             return None
-        fresh = [i for i, _ in consumed if ledger.fresh[i]]
-        if not fresh or opt_index in ledger.unknown_window:
-            return None
-        first = min(ledger.fresh_first[i] for i in fresh)
-        last = max(ledger.fresh_last[i] for i in fresh)
-        return ledger.steps[opt_index], first, last, max(ledger.fresh[i] for i in fresh)
+        window = self.ledger.pending_window(opt_index, (i for i, _ in consumed))
+        return None if window is None else (self.ledger.steps[opt_index], *window)
 
     def _judge_losses(
         self, opt_index: int, window: tuple[int, ...] | None, booked: list[Occurrence]

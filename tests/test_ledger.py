@@ -226,3 +226,19 @@ def test_all_reduces_before_the_last_backward_of_a_window_are_redundant():
             ledger.backward_synced()
     assert ledger.step_end(0, [0, 1]) == []
     assert (ledger.allreduces, ledger.wasted_allreduces) == (3, 1)
+
+
+def test_pending_window_and_booking_a_parameter():
+    ledger = Ledger([0, 0, NO_OWNER], 1, accumulation_steps=2)
+    assert ledger.pending_window(0, [0, 1]) is None  # nothing fresh
+    ledger.backward([0, 1])
+    ledger.backward([1])
+    assert ledger.pending_window(0, [0, 1]) == (0, 1, 2)  # passes 0..1, two of them
+    assert ledger.book(2, 0) and not ledger.book(2, 0) and not ledger.book(0, 0)
+    assert ledger.owners == [0, 0, 0]
+    ledger.adopt([0, 1])  # already fresh: nothing adopted
+    ledger.step_begin(0)
+    ledger.step_end(0, [0, 1, 2])
+    ledger.clear([0, 1, 2], "zero_grad")
+    ledger.adopt([0])  # a gradient of unknown origin: the window's size is unknown
+    assert ledger.pending_window(0, [0]) is None
