@@ -159,6 +159,30 @@ def histogram_peer(model, opt, accumulation):
 
 
 @contextlib.contextmanager
+def lightning_grad_norm_peer(model, opt, accumulation):
+    """Lightning's documented recipe: ``self.log_dict(grad_norm(self, norm_type=2))`` in ``on_before_optimizer_step``,
+    every step, to TensorBoard (here without a Trainer: the same function and one scalar per entry)."""
+    from pytorch_lightning.utilities import grad_norm
+    from torch.utils.tensorboard import SummaryWriter
+
+    with tempfile.TemporaryDirectory() as logdir:
+        writer = SummaryWriter(logdir)
+        state = {"step": 0}
+
+        def log(optimizer, args, kwargs):
+            for tag, value in grad_norm(model, norm_type=2).items():
+                writer.add_scalar(tag, value, state["step"])
+            state["step"] += 1
+
+        handle = opt.register_step_pre_hook(log)
+        try:
+            yield
+        finally:
+            handle.remove()
+            writer.close()
+
+
+@contextlib.contextmanager
 def wandb_peer(model, opt, accumulation):
     import wandb  # only listed when installed
 
@@ -181,6 +205,12 @@ VARIANTS: dict[str, Callable] = {
     "tensorboard": tensorboard,
     "add_histogram-peer": histogram_peer,
 }
+try:
+    import pytorch_lightning  # noqa: F401
+
+    VARIANTS["grad_norm-peer"] = lightning_grad_norm_peer
+except ImportError:
+    pass
 try:
     import wandb  # noqa: F401
 
