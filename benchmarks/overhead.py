@@ -135,22 +135,19 @@ def tensorboard(model, opt, accumulation):
 
 
 @contextlib.contextmanager
-def histogram_peer(model, opt, accumulation):
-    """What users write today: SummaryWriter.add_histogram of every gradient at every step."""
+def _logging_before_each_step(opt, log):
+    """A peer's logging, as users write it: ``log(writer, step)`` from a step pre-hook into a SummaryWriter."""
     from torch.utils.tensorboard import SummaryWriter
 
     with tempfile.TemporaryDirectory() as logdir:
         writer = SummaryWriter(logdir)
-        names = {p: n for n, p in model.named_parameters()}
         state = {"step": 0}
 
-        def log(optimizer, args, kwargs):
-            for p in names:
-                if p.grad is not None:
-                    writer.add_histogram(f"grad/{names[p]}", p.grad, state["step"])
+        def hook(optimizer, args, kwargs):
+            log(writer, state["step"])
             state["step"] += 1
 
-        handle = opt.register_step_pre_hook(log)
+        handle = opt.register_step_pre_hook(hook)
         try:
             yield
         finally:
@@ -158,28 +155,28 @@ def histogram_peer(model, opt, accumulation):
             writer.close()
 
 
-@contextlib.contextmanager
+def histogram_peer(model, opt, accumulation):
+    """What users write today: SummaryWriter.add_histogram of every gradient at every step."""
+    names = {p: n for n, p in model.named_parameters()}
+
+    def log(writer, step):
+        for p in names:
+            if p.grad is not None:
+                writer.add_histogram(f"grad/{names[p]}", p.grad, step)
+
+    return _logging_before_each_step(opt, log)
+
+
 def lightning_grad_norm_peer(model, opt, accumulation):
     """Lightning's documented recipe: ``self.log_dict(grad_norm(self, norm_type=2))`` in ``on_before_optimizer_step``,
     every step, to TensorBoard (here without a Trainer: the same function and one scalar per entry)."""
     from pytorch_lightning.utilities import grad_norm
-    from torch.utils.tensorboard import SummaryWriter
 
-    with tempfile.TemporaryDirectory() as logdir:
-        writer = SummaryWriter(logdir)
-        state = {"step": 0}
+    def log(writer, step):
+        for tag, value in grad_norm(model, norm_type=2).items():
+            writer.add_scalar(tag, value, step)
 
-        def log(optimizer, args, kwargs):
-            for tag, value in grad_norm(model, norm_type=2).items():
-                writer.add_scalar(tag, value, state["step"])
-            state["step"] += 1
-
-        handle = opt.register_step_pre_hook(log)
-        try:
-            yield
-        finally:
-            handle.remove()
-            writer.close()
+    return _logging_before_each_step(opt, log)
 
 
 @contextlib.contextmanager
