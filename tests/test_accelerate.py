@@ -42,3 +42,21 @@ def test_forgetting_accelerator_accumulate_steps_every_micro_batch():
     w = _fit(use_accumulate=False)  # gradient_accumulation_steps is set, but nothing tells Accelerate the windows
     assert kinds(w) == {"accumulation-mismatch"}
     assert the(w, "accumulation-mismatch").message.startswith("optimizer step 0 consumed 1 backward pass(es)")
+
+
+def test_the_epochs_short_window_is_divided_by_the_full_count():
+    """With a DataLoader, Accelerate steps on the epoch's short last window, but ``accelerator.backward`` divides
+    every loss by ``gradient_accumulation_steps``, that window's too: its step applies half its mean."""
+    accelerator = accelerate.Accelerator(gradient_accumulation_steps=ACC, cpu=True)
+    model, opt = reference_model()
+    data = torch.utils.data.DataLoader(reference_data(7), batch_size=None)  # 7 micro-batches: 3 windows and 1
+    model, opt, data = accelerator.prepare(model, opt, data)
+    with watch(model, opt, accumulation_steps=ACC) as w:
+        for x, y in data:
+            with accelerator.accumulate(model):
+                accelerator.backward(torch.nn.functional.mse_loss(model(x), y))
+                opt.step()
+                opt.zero_grad()
+    assert kinds(w) == {"loss-scale"}
+    f = the(w, "loss-scale")
+    assert f.step == 3 and "applied 0.5 of the window's mean gradient" in f.message
