@@ -306,6 +306,26 @@ def _wrap_method(
     return method
 
 
+def _gradient_sync(original: Callable[..., Any], watches: Watches) -> Callable[..., Any]:
+    def set_requires_gradient_sync(
+        self: torch.nn.Module, requires_gradient_sync: bool, *, recurse: bool = True
+    ) -> None:
+        original(self, requires_gradient_sync, recurse=recurse)
+        if not requires_gradient_sync:
+            for hooks in watches:
+                if self in hooks.sync_modules:
+                    _guard(hooks.receiver, "set_requires_gradient_sync", hooks.receiver.unsupported, FSDP_NO_SYNC)
+
+    return set_requires_gradient_sync
+
+
+@functools.lru_cache(maxsize=1)
+def _gradient_sync_patch() -> _GlobalPatch:
+    from torch.distributed.fsdp import FSDPModule
+
+    return _GlobalPatch(FSDPModule, "set_requires_gradient_sync", _gradient_sync)
+
+
 def _before_zero_grad(hooks: HookSet, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
     hooks.grouper.close_stale()
     _guard(hooks.receiver, "optimizer.zero_grad", hooks.receiver.before_optimizer_clear, opt_index, optimizer)
@@ -494,6 +514,12 @@ def global_step_pre_hook(hook: Callable[[torch.optim.Optimizer, Any, Any], None]
     return register_optimizer_step_pre_hook(hook)
 
 
+FSDP_NO_SYNC = (
+    "FSDP2 gradient accumulation without sync (set_requires_gradient_sync(False)) is not supported yet: those "
+    "backward passes fire no post-accumulate-grad hook (FSDP keeps their gradients unsharded), so the windows "
+    "cannot be read. Accumulate with the sync on (every pass reduce-scatters), or debug the loop unsharded"
+)
+
 SWAPPED = (
     "torch.utils.swap_tensors swapped a watched parameter or gradient (model.to() or load_state_dict() under "
     "torch.__future__.set_swap_module_params_on_conversion(True), FSDP2, parametrizations), which takes the "
@@ -556,6 +582,8 @@ class HookSet:
         self._handles: list[Any] = []
         self._wrapped: list[tuple[weakref.ref[torch.optim.Optimizer], str, Callable[..., Any]]] = []
         self._optimizer_indices: dict[int, tuple[weakref.ref[torch.optim.Optimizer], int]] = {}
+        self.sync_modules: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()  # FSDP2 modules of the model
+        self._extra_patches: list[_GlobalPatch] = []  # global patches only some watches need
 
     def optimizer_index(self, optimizer: Any) -> int | None:
         """The index of ``optimizer`` in this watch, or None."""
@@ -629,13 +657,23 @@ class HookSet:
         setattr(optimizer, name, wrapper)
         self._wrapped.append((weakref.ref(optimizer), name, wrapper))
 
+    def watch_gradient_sync(self, modules: Iterable[torch.nn.Module]) -> None:
+        """FSDP2: turning the gradient sync off on one of ``modules`` (FSDP2's ``no_sync``, whose passes fire no
+        post-accumulate-grad hook) stops the checks, loudly, instead of misreading them. ``FSDPModule`` is patched
+        at class level, as ``nn.Module.zero_grad`` is (an instance attribute would break ``torch.save(model)``)."""
+        self.sync_modules.update(modules)
+        if self.sync_modules:
+            patch = _gradient_sync_patch()
+            patch.add(self)
+            self._extra_patches.append(patch)
+
     def optimizer_gone(self, opt_index: int) -> None:
         """A watched optimizer was garbage-collected (from the garbage collector: note it, report it later)."""
         if not self.active:
             return
         self.receiver.optimizer_lost(opt_index)
         if all(ref() is None for ref, _ in self._optimizer_indices.values()):
-            for patch in _GLOBAL_PATCHES + LOSS_PATCHES:  # nothing left to step: the dispatchers forget this watch
+            for patch in _GLOBAL_PATCHES + LOSS_PATCHES + self._extra_patches:  # nothing left to step: forget it
                 patch.discard(self)
             self._on_all_optimizers_gone()
 
@@ -666,5 +704,6 @@ class HookSet:
                     setattr(optimizer, name, previous)
         self._wrapped.clear()
         self._optimizer_indices.clear()
-        for patch in _GLOBAL_PATCHES + LOSS_PATCHES:
+        for patch in _GLOBAL_PATCHES + LOSS_PATCHES + self._extra_patches:
             patch.discard(self)
+        self._extra_patches.clear()

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+
+
+def local_tensors(tensors: Sequence[Any]) -> list[Any]:
+    """Each rank's own shard of a ``DTensor`` (FSDP2's sharded parameters and gradients), other tensors as they
+    are: the checks run per rank on what the rank holds. Free unless torch.distributed.tensor was imported."""
+    module = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(module, "DTensor", None)
+    if dtensor is None:
+        return list(tensors)
+    return [t.to_local() if isinstance(t, dtensor) else t for t in tensors]
 
 
 def _groups(tensors: Sequence[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
@@ -87,6 +98,7 @@ def confirm_nonfinite(tensors: Sequence[torch.Tensor | None], suspects: Sequence
     present = [pos for pos in suspects if tensors[pos] is not None]
     if not present:
         return list(suspects)
+    tensors = local_tensors(tensors)
     flags = _to_host([~torch.isfinite(tensors[pos]).all() for pos in present])  # type: ignore[arg-type]
     unconfirmed = {pos for pos, bad in zip(present, flags, strict=True) if not bad}
     return [pos for pos in suspects if pos not in unconfirmed]
@@ -106,6 +118,7 @@ def nonfinite_and_zero(tensors: Sequence[torch.Tensor], candidates: Sequence[int
 
 def _foreach_norms(tensors: Sequence[torch.Tensor]) -> list[tuple[list[int], list[torch.Tensor]]]:
     """(positions, unstacked 0-d norms) per device/dtype group."""
+    tensors = local_tensors(tensors)
     with torch.no_grad():
         return [(pos, torch._foreach_norm([tensors[p] for p in pos])) for pos in _groups(tensors).values()]
 

@@ -62,6 +62,7 @@ class Tracker:
         ddp: torch.nn.Module | None = None,
         count_syncs: bool = True,
         audit_losses: bool = False,
+        sharded: bool = False,
     ) -> None:
         n = len(params)
         self.ledger = ledger
@@ -82,7 +83,8 @@ class Tracker:
         self._ddp = weakref.ref(ddp) if ddp is not None and count_syncs else None
         # DDP rebinds .grad to views of its flat buckets (which share one version counter): under it, only None
         # counts as a clear made by hand and every hook call as a contribution
-        self._rebinds = ddp is not None
+        # FSDP2 accumulates into the local shard of a .grad DTensor whose own version never moves: likewise
+        self._rebinds = ddp is not None or sharded
         self._weight_versions = [p._version for p in params]  # at the latest step: weights moved outside a step?
         self._continuing_pass = False  # a step inside the running backward pass booked part of it already
         self._probes: dict[int, int] = {}  # per optimizer, a parameter of the latest pass: changed in place since?

@@ -45,6 +45,7 @@ class Watcher:
         audit_losses: bool = True,
     ) -> None:
         ddp = model if isinstance(model, DDP) else None
+        sharded = fsdp2_modules(model)
         params, names, owners = _collect(model.module if ddp is not None else model, optimizers)
         rank, world_size = _distributed()
         self._sinks = Sinks(sinks, warn)
@@ -61,6 +62,7 @@ class Watcher:
             ddp=ddp,
             count_syncs=world_size is not None,  # one rank: DDP's all-reduce communicates nothing
             audit_losses=audit_losses,
+            sharded=bool(sharded),
         )
         self._tracker.adopt_existing_gradients(report=True)  # reported if a step consumes it
         # closes the sinks once, whichever comes first: detach(), or every optimizer (and the watch) collected
@@ -79,6 +81,7 @@ class Watcher:
             contribution_norms=self._sinks.wants_contributions,
             audit_losses=audit_losses,
         )
+        self._hooks.watch_gradient_sync(sharded)
         _watched.update([model, *optimizers])
         self._attached = True
 
@@ -281,15 +284,20 @@ def _refuse_sharded(model: torch.nn.Module) -> None:
     fsdp = sys.modules.get("torch.distributed.fsdp")  # never imported: nothing sharded
     if fsdp is None:
         return
-    sharded = tuple(
-        c for c in (getattr(fsdp, "FSDPModule", None), getattr(fsdp, "FullyShardedDataParallel", None)) if c
-    )
-    if sharded and any(isinstance(m, sharded) for m in model.modules()):
+    legacy = getattr(fsdp, "FullyShardedDataParallel", None)
+    if legacy is not None and any(isinstance(m, legacy) for m in model.modules()):
         raise UnsupportedSetup(
-            "gradwatch does not support FSDP (fully_shard / FullyShardedDataParallel) yet: sharded gradients are "
-            "accumulated outside the hooks it reads, so it would report false findings. Watch the model without "
-            "sharding (one process, or DistributedDataParallel) to debug its gradient lifecycle"
+            "gradwatch does not support FullyShardedDataParallel (FSDP1): its flat parameters accumulate gradients "
+            "outside the hooks it reads, so it would report false findings. Use fully_shard (FSDP2), "
+            "DistributedDataParallel, or watch the model unsharded"
         )
+
+
+def fsdp2_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of ``model`` that ``fully_shard`` (FSDP2) made into FSDPModules."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    fsdp_module = getattr(fsdp, "FSDPModule", None)
+    return [m for m in model.modules() if isinstance(m, fsdp_module)] if fsdp_module is not None else []
 
 
 def _distributed() -> tuple[int | None, int | None]:

@@ -79,3 +79,18 @@ def test_hugging_face_trainer_example_is_clean():
     assert "no findings" in result.stdout
     assert "optimizer steps:    6" in result.stdout  # 3 windows per epoch, the last one short
     assert "gradwatch-trace.jsonl" in result.stdout  # the trace next to the Trainer's TensorBoard logs
+
+
+def test_fsdp2_example_names_the_bug_on_both_ranks(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "fsdp2_accumulation.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    found = "[('uncleared-gradient', ('0.weight', '0.bias', '2.weight', '2.bias'))]"  # every shard is non-empty
+    assert f"rank 0: {found}" in result.stdout and f"rank 1: {found}" in result.stdout
+    assert "across 2 ranks: every step consumed the same number of backward passes" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0", "rank1"]

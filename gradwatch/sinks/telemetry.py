@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ..stats import FiniteChecks, HostBatch
+from ..stats import FiniteChecks, HostBatch, local_tensors
 from . import Sinks, StepRecord
 
 Getter = Callable[[], list[float]]
@@ -42,7 +42,7 @@ class Telemetry:
         """Copy the weights when this step's update ratio is due."""
         if self.sinks.update_ratio_due(step):
             with torch.no_grad():
-                self._weights_before[opt_index] = torch._foreach_mul([w.detach() for w in weights], 1.0)
+                self._weights_before[opt_index] = torch._foreach_mul(local_tensors([w.detach() for w in weights]), 1.0)
 
     def backward(
         self, backward: int, params: list[int], synced: bool | None, incoming: dict[int, torch.Tensor] | None
@@ -71,7 +71,7 @@ class Telemetry:
         updates = None
         if before is not None and len(before) == len(weights):
             with torch.no_grad():
-                after = [w.detach() for w in weights]
+                after = local_tensors([w.detach() for w in weights])
                 updates = batch.norms(torch._foreach_sub(after, before)), batch.norms(after)
         return ScheduledStep(opt_index, grad_norms, updates, self._schedule_contributions(batch))
 
@@ -118,7 +118,7 @@ class Telemetry:
 
 def _host_values(grad: torch.Tensor) -> list[float] | object:
     """A gradient's values as a flat float32 host array (complex: real and imaginary parts)."""
-    values = grad.detach()
+    (values,) = local_tensors([grad.detach()])
     if values.is_complex():  # real and imaginary parts, not a cast that drops the imaginary one
         values = torch.view_as_real(values)
     return values.reshape(-1).float().cpu().numpy()

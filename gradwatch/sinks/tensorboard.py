@@ -144,7 +144,8 @@ class TensorBoardSink(Sink):
                 by_layer.setdefault(layer_of(self._names[i]), []).append(values)
             for layer, parts in by_layer.items():
                 values = parts[0] if len(parts) == 1 else numpy.concatenate(parts)
-                self._writer.add_histogram(f"grad/{prefix}{layer}", values, s)
+                if values.size:  # a rank whose shards of a layer are empty (FSDP2) has no histogram of it
+                    self._writer.add_histogram(f"grad/{prefix}{layer}", values, s)
         self._write_scalars()
 
     def loss_weights(self, weights: LossWeights) -> None:

@@ -1,9 +1,10 @@
-"""Training loops run by each rank of the DDP tests (imported by the spawned processes, not collected)."""
+"""Training loops run by each rank of the DDP and FSDP2 tests (imported by the spawned processes, not collected)."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import os
 from typing import Any, Callable
@@ -16,6 +17,16 @@ import gradwatch
 
 ACC = 2
 N_BATCHES = 8
+FSDP2_BUGS = (
+    None,
+    "missing-zero-grad",
+    "zero-grad-in-window",
+    "no-backward",
+    "declared-larger",
+    "layer-out",
+    "nan",
+    "no-sync",
+)
 
 
 def _setup(rank: int, bucket_view: bool = False) -> tuple[DDP, torch.optim.Optimizer, list]:
@@ -107,6 +118,65 @@ def _raise_then_train(rank: int, logdir: str) -> dict:
     return {"raised": raised, "steps": w._tracker.ledger.steps, "kinds": [f.kind for f in w.findings]}
 
 
+def _fsdp2_loop(
+    rank: int,
+    logdir: str | None,
+    *,
+    bug: str | None = None,
+    watched: bool = True,
+    mixed_precision: bool = False,
+) -> tuple[gradwatch.Watcher | None, list[torch.Tensor]]:
+    """The reference accumulation loop on a model sharded with ``fully_shard`` (each layer and the root)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.Linear(8, 1))
+    policy = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16)} if mixed_precision else {}
+    for layer in model:
+        fully_shard(layer, **policy)
+    fully_shard(model, **policy)
+    params = model[0].parameters() if bug == "layer-out" else model.parameters()
+    opt = torch.optim.SGD(params, lr=0.01)
+    g = torch.Generator().manual_seed(100 + rank)
+    data = [(torch.randn(4, 10, generator=g), torch.randn(4, 1, generator=g)) for _ in range(N_BATCHES)]
+    if bug == "nan":
+        data[3] = (torch.full((4, 10), float("nan")), data[3][1])
+    declared = ACC + 1 if bug == "declared-larger" else ACC
+    w = gradwatch.watch(model, opt, declared, logdir=logdir, on_finding="record") if watched else None
+    with w or contextlib.nullcontext():
+        opt.zero_grad()
+        for i, (x, y) in enumerate(data):
+            last = (i + 1) % ACC == 0
+            if bug == "no-sync":
+                model.set_requires_gradient_sync(last)  # FSDP2's no_sync: not supported yet
+            if bug == "zero-grad-in-window":
+                opt.zero_grad()
+            if not (bug == "no-backward" and i < ACC):
+                (torch.nn.functional.mse_loss(model(x), y) / ACC).backward()
+            if last:
+                opt.step()
+                if bug != "missing-zero-grad":
+                    opt.zero_grad()
+    return w, [p.full_tensor().detach().clone() for p in model.parameters()]
+
+
+def _fsdp2(rank: int, logdir: str, **loop: Any) -> dict:
+    w, _ = _fsdp2_loop(rank, logdir, **loop)
+    assert w is not None
+    left = [p for p in w._tracker._params if p() is not None and p()._post_accumulate_grad_hooks]
+    return {
+        "findings": [{"kind": f.kind, "params": list(f.params), "step": f.step} for f in w.findings],
+        "stopped": w.stopped,
+        "hooks_left": len(left),
+    }
+
+
+def _fsdp2_unchanged(rank: int, logdir: str) -> bool:
+    _, plain = _fsdp2_loop(rank, None, bug="missing-zero-grad", watched=False)
+    _, watched = _fsdp2_loop(rank, None, bug="missing-zero-grad")
+    return all(torch.equal(a, b) for a, b in zip(plain, watched, strict=True))
+
+
 SCENARIOS: dict[str, Callable[[int, str], Any]] = {
     "raise_then_train": _raise_then_train,
     "no_sync": lambda rank, logdir: _findings(rank, logdir),
@@ -119,6 +189,9 @@ SCENARIOS: dict[str, Callable[[int, str], Any]] = {
     "divergent": lambda rank, logdir: _findings(rank, logdir, extra_backward_on_rank1=True),
     "unscaled_loss": lambda rank, logdir: _findings(rank, logdir, loss_divisor=1),
     "weights_unchanged_by_the_watch": _unchanged,
+    **{f"fsdp2_{bug or 'clean'}": functools.partial(_fsdp2, bug=bug) for bug in FSDP2_BUGS},
+    "fsdp2_mixed_precision": lambda rank, logdir: _fsdp2(rank, logdir, mixed_precision=True),
+    "fsdp2_weights_unchanged_by_the_watch": _fsdp2_unchanged,
 }
 
 

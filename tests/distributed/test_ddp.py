@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import socket
-import time
-
 import pytest
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from ddp_scenarios import SCENARIOS, run_rank
 
 from gradwatch import load_trace
 from gradwatch.cli import main
@@ -19,33 +13,7 @@ pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
 )
 RANKS = (0, 1)
-DEADLINE_S = 120
 PARAMS = ["0.weight", "0.bias", "1.weight", "1.bias"]  # the wrapped module's names, without DDP's "module."
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    """Run every scenario on two ranks; return the output directory and each rank's findings per scenario."""
-    out = tmp_path_factory.mktemp("ddp")
-    args = (len(RANKS), _free_port(), str(out), list(SCENARIOS))
-    context = mp.start_processes(run_rank, args=args, nprocs=len(RANKS), join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not context.join(timeout=2):  # re-raises a rank's exception with its traceback
-            if time.monotonic() > deadline:
-                pytest.fail(f"the DDP ranks did not finish within {DEADLINE_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-            process.join(5)
-    return out, {r: json.loads((out / f"rank{r}.json").read_text()) for r in RANKS}
 
 
 def _kinds(findings):
@@ -139,44 +107,9 @@ def test_a_raise_from_backward_leaves_ddp_usable(ddp_run):
         assert results[r]["raise_then_train"] == {"raised": 1, "steps": [8], "kinds": ["orphan-gradient"]}
 
 
-@pytest.fixture
-def one_rank():
-    """A process group of one gloo rank in this process (a debugging run of a distributed script)."""
-    import datetime
-
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{_free_port()}",
-        rank=0,
-        world_size=1,
-        timeout=datetime.timedelta(seconds=30),
-    )
-    yield
-    dist.destroy_process_group()
-
-
 def test_one_rank_has_no_communication_to_waste(tmp_path, one_rank):
     """DDP over a world of one: no redundant-sync about ranks."""
     from ddp_scenarios import _loop
 
     w, _ = _loop(0, str(tmp_path), use_no_sync=False)
     assert w is not None and w.findings == []
-
-
-def test_fsdp2_is_refused_rather_than_misreported(one_rank):
-    """FSDP2 shards gradients outside the hooks' accumulation path: watch() says so instead of false findings."""
-    import torch
-
-    import gradwatch
-
-    fsdp = pytest.importorskip("torch.distributed.fsdp")
-    if not hasattr(fsdp, "fully_shard"):
-        pytest.skip("needs FSDP2 (torch >= 2.6)")
-    model = torch.nn.Sequential(torch.nn.Linear(10, 4), torch.nn.Linear(4, 1))
-    for layer in model:
-        fsdp.fully_shard(layer)
-    fsdp.fully_shard(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with pytest.raises(ValueError, match="does not support FSDP"):
-        gradwatch.watch(model, opt)
-    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())  # nothing left behind

@@ -1,0 +1,110 @@
+"""FSDP2 (``fully_shard`` on each layer and the root): the reference loop and the catalogue's bugs on two gloo
+ranks (the spawn in conftest.py runs them with the DDP scenarios), and a few checks on one rank."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import gradwatch
+from gradwatch.cli import main
+
+fsdp = pytest.importorskip("torch.distributed.fsdp")
+pytestmark = [
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo"),
+    pytest.mark.skipif(not hasattr(fsdp, "fully_shard"), reason="needs FSDP2 (torch >= 2.6)"),
+]
+RANKS = (0, 1)
+ALL = ["0.weight", "0.bias", "1.weight", "1.bias"]  # the model's own names, not FSDP's
+
+
+def _on_every_rank(ddp_run, scenario):
+    """Rank 0's outcome, after checking rank 1's agrees: the same kinds at the same steps, naming the parameters
+    whose shard rank 1 holds (the second layer's bias and weight row are too small to shard over two ranks: rank
+    1's shards of them are empty, so it cannot see them)."""
+    _, results = ddp_run
+    first, second = (results[r][scenario] for r in RANKS)
+    assert [(f["kind"], f["step"]) for f in first["findings"]] == [(f["kind"], f["step"]) for f in second["findings"]]
+    for mine, theirs in zip(first["findings"], second["findings"], strict=True):
+        assert set(theirs["params"]) <= set(mine["params"])
+    assert (first["stopped"], first["hooks_left"]) == (second["stopped"], second["hooks_left"])
+    return first
+
+
+def test_the_reference_loop_is_clean_on_every_rank(ddp_run):
+    assert _on_every_rank(ddp_run, "fsdp2_clean") == {"findings": [], "stopped": None, "hooks_left": 0}
+
+
+def test_mixed_precision_is_clean(ddp_run):
+    assert _on_every_rank(ddp_run, "fsdp2_mixed_precision")["findings"] == []
+
+
+@pytest.mark.parametrize(
+    ("bug", "expected"),
+    [
+        ("missing-zero-grad", [("uncleared-gradient", ALL, 1)]),
+        ("zero-grad-in-window", [("discarded-gradient", ALL, 0), ("accumulation-mismatch", ALL, 0)]),
+        ("no-backward", [("empty-step", ALL, 0)]),
+        ("declared-larger", [("accumulation-mismatch", ALL, 0)]),
+        ("layer-out", [("orphan-gradient", ["1.weight", "1.bias"], 0)]),
+        ("nan", [("non-finite-gradient", ALL, 1)]),
+    ],
+)
+def test_each_bug_is_found_with_the_models_names(ddp_run, bug, expected):
+    outcome = _on_every_rank(ddp_run, f"fsdp2_{bug}")
+    found = [(f["kind"], f["params"], f["step"]) for f in outcome["findings"]]
+    assert found[: len(expected)] == expected, found
+    assert outcome["stopped"] is None and outcome["hooks_left"] == 0
+
+
+def test_accumulating_without_sync_stops_the_checks_loudly(ddp_run):
+    outcome = _on_every_rank(ddp_run, "fsdp2_no-sync")
+    assert outcome["findings"] == []
+    assert "set_requires_gradient_sync(False)" in outcome["stopped"]  # never a silent all-clear
+
+
+def test_training_numbers_under_fsdp2_are_identical_bit_for_bit(ddp_run):
+    _, results = ddp_run
+    assert [results[r]["fsdp2_weights_unchanged_by_the_watch"] for r in RANKS] == [True, True]
+
+
+def test_per_rank_traces_and_a_report_across_ranks(ddp_run, capsys):
+    out, _ = ddp_run
+    assert (out / "fsdp2_clean" / "rank0" / "gradwatch-trace.jsonl").exists()
+    assert (out / "fsdp2_clean" / "rank1" / "gradwatch-trace.jsonl").exists()
+    assert main(["report", str(out / "fsdp2_clean")]) == 0
+    assert "rank-divergence" not in capsys.readouterr().out
+
+
+def test_detach_restores_fsdp_and_leaves_no_hook(one_rank):
+    original = fsdp.FSDPModule.set_requires_gradient_sync
+    model = torch.nn.Sequential(torch.nn.Linear(10, 4), torch.nn.Linear(4, 1))
+    for layer in model:
+        fsdp.fully_shard(layer)
+    fsdp.fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradwatch.watch(model, opt, 1, on_finding="record") as w:
+        assert fsdp.FSDPModule.set_requires_gradient_sync is not original
+        torch.nn.functional.mse_loss(model(torch.randn(2, 10)), torch.zeros(2, 1)).backward()
+        opt.step()
+        opt.zero_grad()
+    assert w.findings == []
+    assert fsdp.FSDPModule.set_requires_gradient_sync is original
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+    model.set_requires_gradient_sync(False)  # unwatched now: nothing reported, nothing raised
+
+
+def test_fsdp1_is_refused_rather_than_misreported():
+    """FSDP1 needs an accelerator to wrap a model; an instance made without its __init__ is enough to show that
+    watch() refuses it and leaves nothing behind."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    wrapper = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
+    torch.nn.Module.__init__(wrapper)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 1), wrapper)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(ValueError, match="does not support FullyShardedDataParallel"):
+        gradwatch.watch(model, opt)
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
+    assert "zero_grad" not in opt.__dict__
