@@ -11,9 +11,9 @@ import pytest
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 
-def _run(name: str) -> subprocess.CompletedProcess:
+def _run(name: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True, timeout=120, check=False
     )
 
 
@@ -59,13 +59,7 @@ def test_lightning_example_is_clean():
 
 
 def test_ddp_example_reports_the_redundant_sync_on_both_ranks(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "ddp_accumulation.py"), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = _run("ddp_accumulation.py", str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "rank 0: ['redundant-sync']" in result.stdout and "rank 1: ['redundant-sync']" in result.stdout
     assert "across 2 ranks: every step consumed the same number of backward passes" in result.stdout
@@ -82,13 +76,7 @@ def test_hugging_face_trainer_example_is_clean():
 
 
 def test_fsdp2_example_names_the_bug_on_both_ranks(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "fsdp2_accumulation.py"), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = _run("fsdp2_accumulation.py", str(tmp_path))
     assert result.returncode == 0, result.stdout + result.stderr
     found = "[('uncleared-gradient', ('0.weight', '0.bias', '2.weight', '2.bias'))]"  # every shard is non-empty
     assert f"rank 0: {found}" in result.stdout and f"rank 1: {found}" in result.stdout
