@@ -149,8 +149,9 @@ _MESSAGES: Mapping[str | tuple[str, str], str] = {
     (LOSS_SCALE, "short"): (
         "the short window of {passes} backward pass(es) that optimizer step {step} consumed had its {loss} divided by "
         "accumulation_steps={accumulation}, so the step applied {factor} of the window's mean gradient (its batches "
-        "count less than the others). Divide the loss of a short window by its real size ({passes}), or sum the "
-        "per-element losses and divide by the window's element count."
+        "count less than the others). Divide the loss of a short window by its real size ({passes}) (under Lightning "
+        "or Accelerate, which divide by accumulation_steps themselves, multiply it by {accumulation}/{passes}), or "
+        "sum the per-element losses and divide by the window's element count."
     ),
     (UNEVEN_LOSS_WEIGHTS, "mean"): (
         "in the window optimizer step {step} consumed, the {loss} elements of backward pass {heavy} weigh {ratio}x "
