@@ -32,6 +32,7 @@ from .stats import HostBatch
 AUDIT_FIRST = 8  # steps whose windows are all audited
 AUDIT_EVERY = 32  # then the window of every this-many-th step
 TOLERANCE = 0.02  # weights within 2 % are the same weight
+MAX_PASSES_HELD = 64  # audited passes waiting for a step (a window longer than this is not weighed)
 _CLASS_TARGETS = ("cross_entropy", "nll_loss")
 # the functions audited, with their arguments' positions (torch.nn.functional's signatures since 2.1)
 LOSS_ARGUMENTS: dict[str, tuple[str, ...]] = {
@@ -149,6 +150,8 @@ class LossAudit:
             ordinals[call.loss] = call.ordinal + 1
         if mine:
             self._by_pass.setdefault(backward, []).extend(mine)
+        while len(self._by_pass) > MAX_PASSES_HELD:  # backward passes and no step: keep the latest ones only
+            del self._by_pass[min(self._by_pass)]
 
     def pending(self) -> bool:
         return bool(self._by_pass)

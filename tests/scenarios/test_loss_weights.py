@@ -330,6 +330,15 @@ def test_findings_match_a_naive_model_of_the_weights(windows, normalisation):
             assert ratio > 1.02
 
 
+def test_passes_without_a_step_are_not_held_without_bound():
+    model, opt = reference_model()
+    x, y = reference_data(1)[0]
+    with watch(model, opt) as w:
+        for _ in range(200):  # gradients collected, never stepped on (the audit is due: no step yet)
+            F.mse_loss(model(x), y).backward()
+        assert len(w._tracker._audit._by_pass) == 64
+
+
 # -- what the user sees: the trace and TensorBoard -------------------------------------------------------
 def test_the_trace_and_tensorboard_show_the_weights(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
