@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 
@@ -179,7 +179,6 @@ class LossAudit:
         ``scale``: a GradScaler's loss scale (1.0 without)."""
         calls = [(b, call) for b in range(first, last + 1) for call in self._by_pass.get(b, ())]
         self.discard(last)
-        calls = [(b, call) for b, call in calls if call.upstream is not None]
         if not calls:
             return [], None
         batch = HostBatch()
@@ -188,66 +187,83 @@ class LossAudit:
             for _, call in calls
         ]
         batch.read()
-        weighed = []  # (pass, call, elements, weight of one element or None if uneven within, total)
+        weighed: list[_Weighed] = []
         for (b, call), (upstream, count) in zip(calls, getters, strict=True):
             up = upstream()
             n = count()[0] if count is not None else float(call.count)  # type: ignore[arg-type]
             if call.reduction == "none":
                 total, highest, lowest, n = up
                 even = n > 0 and lowest > 0 and highest <= lowest * (1 + TOLERANCE)
-                weighed.append((b, call, n, highest if even else None, total / scale))
+                weighed.append(_Weighed(b, call, n, highest if even else None, total / scale))
             elif n > 0:
                 unit = up[0] / n if call.reduction == "mean" else up[0]
-                weighed.append((b, call, n, unit / scale, up[0] * (1 if call.reduction == "mean" else n) / scale))
-        out = [*self._uneven(weighed, step, last), *self._scaled(weighed, step, last, passes, accumulation)]
-        slots = {(call.loss, call.ordinal) for _, call, *_ in weighed}
-        units = [w for *_, w, _ in weighed if w]
+                total = up[0] if call.reduction == "mean" else up[0] * n
+                weighed.append(_Weighed(b, call, n, unit / scale, total / scale))
+        slots = {(w.call.loss, w.call.ordinal) for w in weighed}
+        out = [*_uneven(weighed, step, last), *_scaled(weighed, slots, step, last, passes, accumulation)]
+        units = [w.unit for w in weighed if w.unit]
         summary = LossWeights(
             optimizer,
             step,
-            sum(total for *_, total in weighed) if len(slots) == 1 else None,
+            sum(w.total for w in weighed) if len(slots) == 1 else None,
             max(units) / min(units) if units and min(units) > 0 else 1.0,
             tuple(
-                (b, tuple((c.loss, c.reduction, n, total) for bb, c, n, _, total in weighed if bb == b))
-                for b in sorted({b for b, *_ in weighed})
+                (b, tuple((w.call.loss, w.call.reduction, w.elements, w.total) for w in weighed if w.backward == b))
+                for b in sorted({w.backward for w in weighed})
             ),
         )
         return out, summary
 
-    def _uneven(self, weighed: list, step: int, last: int) -> list[Occurrence]:
-        by_slot: dict[tuple[str, int], list] = {}
-        for entry in weighed:
-            if entry[3]:
-                by_slot.setdefault((entry[1].loss, entry[1].ordinal), []).append(entry)
-        for (loss, _), entries in by_slot.items():
-            heavy = max(entries, key=lambda e: e[3])
-            light = min(entries, key=lambda e: e[3])
-            if heavy[0] == light[0] or heavy[3] <= light[3] * (1 + TOLERANCE):
-                continue
-            detail = {
-                "how": "mean" if heavy[1].reduction == "mean" and light[1].reduction == "mean" else "other",
-                "loss": loss,
-                "ratio": f"{heavy[3] / light[3]:.3g}",
-                "heavy": heavy[0],
-                "light": light[0],
-                "n_heavy": f"{heavy[2]:g}",
-                "n_light": f"{light[2]:g}",
-            }
-            return [Occurrence(k.UNEVEN_LOSS_WEIGHTS, (), step, last, detail)]
-        return []
 
-    def _scaled(self, weighed: list, step: int, last: int, passes: int, accumulation: int | None) -> list[Occurrence]:
-        slots = {(call.loss, call.ordinal) for _, call, *_ in weighed}
-        per_pass = [b for b, *_ in weighed]
-        if len(slots) != 1 or len(per_pass) != passes or len(set(per_pass)) != passes:
-            return []  # several losses (their coefficients are the loop's choice), or a pass not audited
-        total = sum(entry[4] for entry in weighed)
-        how = _mistake(total, passes, accumulation)
-        if how is None:
-            return []
-        loss = next(iter(slots))[0]
-        detail = {"how": how, "loss": loss, "factor": f"{total:.3g}", "passes": passes, "accumulation": accumulation}
-        return [Occurrence(k.LOSS_SCALE, (), step, last, detail)]
+class _Weighed(NamedTuple):
+    """One loss call of a window, read: what one counted element weighs (None: its elements weigh differently,
+    a ``reduction='none'`` loss weighted by hand) and the total weight that reached it."""
+
+    backward: int
+    call: LossCall
+    elements: float
+    unit: float | None
+    total: float
+
+
+def _uneven(weighed: list[_Weighed], step: int, last: int) -> list[Occurrence]:
+    """``uneven-loss-weights``: one slot's elements weigh differently in two passes of the window."""
+    by_slot: dict[tuple[str, int], list[_Weighed]] = {}
+    for w in weighed:
+        if w.unit:
+            by_slot.setdefault((w.call.loss, w.call.ordinal), []).append(w)
+    for (loss, _), entries in by_slot.items():
+        heavy = max(entries, key=lambda w: w.unit)  # type: ignore[arg-type, return-value]
+        light = min(entries, key=lambda w: w.unit)  # type: ignore[arg-type, return-value]
+        if heavy.backward == light.backward or heavy.unit <= light.unit * (1 + TOLERANCE):  # type: ignore[operator]
+            continue
+        detail = {
+            "how": "mean" if heavy.call.reduction == "mean" and light.call.reduction == "mean" else "other",
+            "loss": loss,
+            "ratio": f"{heavy.unit / light.unit:.3g}",  # type: ignore[operator]
+            "heavy": heavy.backward,
+            "light": light.backward,
+            "n_heavy": f"{heavy.elements:g}",
+            "n_light": f"{light.elements:g}",
+        }
+        return [Occurrence(k.UNEVEN_LOSS_WEIGHTS, (), step, last, detail)]
+    return []
+
+
+def _scaled(
+    weighed: list[_Weighed], slots: set[tuple[str, int]], step: int, last: int, passes: int, accumulation: int | None
+) -> list[Occurrence]:
+    """``loss-scale``: the window's one loss weighs in total a factor a loop makes by mistake."""
+    per_pass = [w.backward for w in weighed]
+    if len(slots) != 1 or len(per_pass) != passes or len(set(per_pass)) != passes:
+        return []  # several losses (their coefficients are the loop's choice), or a pass not audited
+    total = sum(w.total for w in weighed)
+    how = _mistake(total, passes, accumulation)
+    if how is None:
+        return []
+    loss = next(iter(slots))[0]
+    detail = {"how": how, "loss": loss, "factor": f"{total:.3g}", "passes": passes, "accumulation": accumulation}
+    return [Occurrence(k.LOSS_SCALE, (), step, last, detail)]
 
 
 def _mistake(total: float, passes: int, accumulation: int | None) -> str | None:

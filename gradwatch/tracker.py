@@ -198,7 +198,7 @@ class Tracker:
             return []
         scaler = self._scaler() if self._scaler is not None else None
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        out, weights = audit.judge(opt_index, step, first, last, passes, self.ledger.accumulation_steps, scale)
+        out, weights = audit.judge(opt_index, step, first, last, passes, expected, scale)
         if weights is not None and self._sinks is not None:
             self._sinks.loss_weights(weights)
         return out
@@ -597,7 +597,7 @@ class Tracker:
         """Close the sinks with the final findings (also after an internal error)."""
         if self._telemetry is not None:
             self._telemetry.flush()
-            self._telemetry.sinks.finished(findings, self.ledger.backwards, list(self.ledger.steps))
+            self._sinks.finished(findings, self.ledger.backwards, list(self.ledger.steps))  # type: ignore[union-attr]
 
     # -- helpers -----------------------------------------------------------------------------------
     def _before_clear(self, params: list[tuple[int, torch.Tensor]]) -> None:

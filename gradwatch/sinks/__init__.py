@@ -139,8 +139,6 @@ class Sinks(Sink):
             with contextlib.suppress(Exception):
                 sink.abandon()
 
-    close = abandon
-
     def _each(self, deliver: Callable[[Sink], None]) -> None:
         """Deliver one event to every sink; the one place where a sink's failure is contained."""
         for sink in list(self._sinks):
