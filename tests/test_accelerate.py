@@ -10,6 +10,17 @@ accelerate = pytest.importorskip("accelerate")
 ACC = 2
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps its state in process-wide singletons: a Trainer run earlier in the session (the
+    transformers tests) would leave them configured for its own accumulation."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+
+
 def _fit(*, use_accumulate=True, zero_grad=True):
     accelerator = accelerate.Accelerator(gradient_accumulation_steps=ACC, cpu=True)
     model, opt = reference_model()
