@@ -135,7 +135,7 @@ def _run(ops, accumulation_steps):
     return w
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(ops=st.lists(OPS, max_size=14), accumulation_steps=st.sampled_from([None, 1, 2]))
 def test_findings_match_the_reference_rules(ops, accumulation_steps):
     w = _run(ops, accumulation_steps)
