@@ -1,10 +1,11 @@
 """FSDP2 (`fully_shard`) with gradient accumulation on two CPU processes (gloo, 127.0.0.1).
 
-Run it as `python examples/fsdp2_accumulation.py [logdir]`. Each layer and the root are sharded; every
-backward pass reduce-scatters (accumulating with `set_requires_gradient_sync(False)` is not supported yet:
-gradwatch stops and says so). The loop forgets `optimizer.zero_grad()` after the second step, and gradwatch
-names the parameters each rank holds a shard of. Each rank writes its own TensorBoard run and trace
-(`<logdir>/rank0`, `<logdir>/rank1`); `gradwatch report <logdir>` then checks that the ranks agree.
+Run it as `python examples/fsdp2_accumulation.py [logdir]`. Each layer and the root are sharded; the
+gradient sync is off for every backward pass of a window but its last (FSDP2's `no_sync`: only the last
+pass reduce-scatters, the window's whole gradient at once). The loop forgets `optimizer.zero_grad()` after
+the second step, and gradwatch names the parameters each rank holds a shard of. Each rank writes its own
+TensorBoard run and trace (`<logdir>/rank0`, `<logdir>/rank1`); `gradwatch report <logdir>` then checks that
+the ranks agree.
 """
 
 import os
@@ -37,9 +38,11 @@ def train(rank: int, world_size: int, port: int, logdir: str) -> None:
     with gradwatch.watch(model, optimizer, ACCUMULATION_STEPS, logdir=logdir, on_finding="record") as watcher:
         optimizer.zero_grad()
         for i, (inputs, labels) in enumerate(batches):
+            last_of_window = (i + 1) % ACCUMULATION_STEPS == 0
+            model.set_requires_gradient_sync(last_of_window)
             loss = torch.nn.functional.mse_loss(model(inputs), labels) / ACCUMULATION_STEPS
             loss.backward()
-            if (i + 1) % ACCUMULATION_STEPS == 0:
+            if last_of_window:
                 optimizer.step()
                 if i != 3:  # the bug: no zero_grad() after the second step
                     optimizer.zero_grad()

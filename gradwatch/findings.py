@@ -21,6 +21,7 @@ RANK_DIVERGENCE = "rank-divergence"
 PRE_EXISTING = "pre-existing-gradient"
 LOSS_SCALE = "loss-scale"
 UNEVEN_LOSS_WEIGHTS = "uneven-loss-weights"
+UNSYNCED = "unsynced-gradient"
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ CATALOGUE: Mapping[str, KindInfo] = {
     PRE_EXISTING: KindInfo("warning", "step"),
     LOSS_SCALE: KindInfo("warning", "step"),
     UNEVEN_LOSS_WEIGHTS: KindInfo("warning", "step"),
+    UNSYNCED: KindInfo("error", "step"),
 }
 SEVERITY: Mapping[str, str] = {kind: info.severity for kind, info in CATALOGUE.items()}
 KINDS: tuple[str, ...] = tuple(CATALOGUE)
@@ -129,6 +131,20 @@ _MESSAGES: Mapping[str | tuple[str, str], str] = {
         "of {params} across ranks (backward pass {backward} first), although only the window's last one needs "
         "to: {share}% of the window's all-reduces were wasted communication. Run the other backward passes of "
         "each accumulation window (their forward included) inside `with model.no_sync():`."
+    ),
+    (REDUNDANT_SYNC, "reduce-scatter"): (
+        "{wasted} of the {passes} backward passes that optimizer step {step} consumed reduce-scattered the gradients "
+        "of {params} across ranks (backward pass {backward} first), although only the window's last one needs "
+        "to: {share}% of the window's reduce-scatters were wasted communication. Call "
+        "model.set_requires_gradient_sync(False) before the other backward passes of each accumulation window and "
+        "model.set_requires_gradient_sync(True) before its last one."
+    ),
+    UNSYNCED: (
+        "optimizer step {step} ran while FSDP2 still held, unreduced and outside .grad, the gradient of {held} "
+        "backward pass(es) made with the gradient sync off (from backward pass {backward}) for {params}: the step "
+        "did not apply them, and they land in .grad at the next synced pass, in another window. Call "
+        "model.set_requires_gradient_sync(True) before the last backward pass of every accumulation window "
+        "(a short last one included)."
     ),
     PRE_EXISTING: (
         "optimizer step {step} consumed a gradient that was already in the .grad of {params} when watch() was "

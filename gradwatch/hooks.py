@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 import torch
 
 from .findings import GradientBugError
+from .fsdp2 import held_pass_patch, sync_off_patch
 from .loss_audit import LOSS_ARGUMENTS
 
 LOSS_FUNCTIONS = tuple(LOSS_ARGUMENTS)
@@ -42,7 +43,9 @@ class Receiver(Protocol):
     """What the hooks report to."""
 
     def on_backward_start(self, index: int, param: torch.Tensor) -> None: ...
-    def on_backward_end(self, grads: dict[int, torch.Tensor | None], incoming: dict[int, torch.Tensor]) -> None: ...
+    def on_backward_end(
+        self, grads: dict[int, torch.Tensor | None], incoming: dict[int, torch.Tensor], held: list[int]
+    ) -> None: ...
     def on_step_pre(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None: ...
     def on_step_post(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None: ...
     def before_optimizer_clear(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None: ...
@@ -65,6 +68,7 @@ class Receiver(Protocol):
     def optimizer_lost(self, opt_index: int) -> None: ...
     def report_pending_stop(self) -> None: ...
     def watches_tensor(self, tensor: torch.Tensor) -> bool: ...
+    def index_of(self, param: torch.Tensor) -> int | None: ...
     def release(self) -> None: ...
 
     pending_stop: str | None  # a reason to stop checking, noted where no warning may be issued
@@ -151,7 +155,7 @@ class BackwardGrouper:
     fires in a nested task, a hook on the enclosing ``Function`` node queues the end callback on the outer task.
     """
 
-    __slots__ = ("_awaiting_root", "_nested", "_open", "_receiver", "_task", "grads", "incoming")
+    __slots__ = ("_awaiting_root", "_nested", "_open", "_receiver", "_task", "grads", "held", "incoming")
 
     def __init__(self, receiver: Receiver) -> None:
         self._receiver = receiver
@@ -161,6 +165,7 @@ class BackwardGrouper:
         self._task: int | None = None
         self.grads: dict[int, torch.Tensor | None] = {}
         self.incoming: dict[int, torch.Tensor] = {}  # contribution norms, on the device (TensorBoard only)
+        self.held: list[int] = []  # parameters whose contribution FSDP2 kept out of .grad (sync off)
 
     def record_incoming(self, index: int, grad: torch.Tensor | None) -> None:
         """Tensor pre-hook: the norm of the gradient about to be accumulated (kept on the device, not the grad)."""
@@ -177,6 +182,15 @@ class BackwardGrouper:
         if task != self._task:
             self._enter(task, index, param)
         self.grads[index] = param.grad
+
+    def record_held(self, index: int, param: torch.Tensor) -> None:
+        """FSDP2 kept this pass's contribution to parameter ``index`` out of its ``.grad`` (gradient sync off)."""
+        task = _current_task()
+        if task == -1:  # FSDP's post-backward called outside any backward pass: no pass to join
+            return
+        if task != self._task:
+            self._enter(task, index, param)
+        self.held.append(index)
 
     @property
     def in_pass(self) -> bool:
@@ -233,6 +247,7 @@ class BackwardGrouper:
     def _close(self) -> None:
         grads, self.grads = self.grads, {}
         incoming, self.incoming = self.incoming, {}
+        held, self.held = self.held, []
         self._open.clear()
         self._nested.clear()
         self._awaiting_root = False
@@ -240,7 +255,7 @@ class BackwardGrouper:
         if _compiled_autograd_active():
             _guard_in_backward(self._receiver, self._receiver.unsupported, COMPILED_AUTOGRAD)
             return
-        _guard_in_backward(self._receiver, self._receiver.on_backward_end, grads, incoming)
+        _guard_in_backward(self._receiver, self._receiver.on_backward_end, grads, incoming, held)
 
     def close_stale(self) -> None:
         """Close a backward pass whose end callback never ran (it raised); call outside any backward."""
@@ -304,26 +319,6 @@ def _wrap_method(
     method.__signature__ = inspect.signature(getattr(optimizer, name))  # type: ignore[attr-defined]
     method._gradwatch_previous = previous  # type: ignore[attr-defined]
     return method
-
-
-def _gradient_sync(original: Callable[..., Any], watches: Watches) -> Callable[..., Any]:
-    def set_requires_gradient_sync(
-        self: torch.nn.Module, requires_gradient_sync: bool, *, recurse: bool = True
-    ) -> None:
-        original(self, requires_gradient_sync, recurse=recurse)
-        if not requires_gradient_sync:
-            for hooks in watches:
-                if self in hooks.sync_modules:
-                    _guard(hooks.receiver, "set_requires_gradient_sync", hooks.receiver.unsupported, FSDP_NO_SYNC)
-
-    return set_requires_gradient_sync
-
-
-@functools.lru_cache(maxsize=1)
-def _gradient_sync_patch() -> _GlobalPatch:
-    from torch.distributed.fsdp import FSDPModule
-
-    return _GlobalPatch(FSDPModule, "set_requires_gradient_sync", _gradient_sync)
 
 
 def _before_zero_grad(hooks: HookSet, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
@@ -514,12 +509,6 @@ def global_step_pre_hook(hook: Callable[[torch.optim.Optimizer, Any, Any], None]
     return register_optimizer_step_pre_hook(hook)
 
 
-FSDP_NO_SYNC = (
-    "FSDP2 gradient accumulation without sync (set_requires_gradient_sync(False)) is not supported yet: those "
-    "backward passes fire no post-accumulate-grad hook (FSDP keeps their gradients unsharded), so the windows "
-    "cannot be read. Accumulate with the sync on (every pass reduce-scatters), or debug the loop unsharded"
-)
-
 SWAPPED = (
     "torch.utils.swap_tensors swapped a watched parameter or gradient (model.to() or load_state_dict() under "
     "torch.__future__.set_swap_module_params_on_conversion(True), FSDP2, parametrizations), which takes the "
@@ -657,15 +646,33 @@ class HookSet:
         setattr(optimizer, name, wrapper)
         self._wrapped.append((weakref.ref(optimizer), name, wrapper))
 
-    def watch_gradient_sync(self, modules: Iterable[torch.nn.Module]) -> None:
-        """FSDP2: turning the gradient sync off on one of ``modules`` (FSDP2's ``no_sync``, whose passes fire no
-        post-accumulate-grad hook) stops the checks, loudly, instead of misreading them. ``FSDPModule`` is patched
-        at class level, as ``nn.Module.zero_grad`` is (an instance attribute would break ``torch.save(model)``)."""
+    def watch_sharded(self, modules: Iterable[torch.nn.Module]) -> None:
+        """FSDP2: see the backward passes that ``modules`` run with the gradient sync off, which fire no
+        post-accumulate-grad hook (``fsdp2.held_pass_patch``); where this torch offers no way to, turning the sync
+        off stops the checks, loudly, instead of misreading them. Patched at class level, as
+        ``nn.Module.zero_grad`` is (an instance attribute would break ``torch.save(model)``)."""
         self.sync_modules.update(modules)
         if self.sync_modules:
-            patch = _gradient_sync_patch()
+            patch = held_pass_patch() or sync_off_patch()
             patch.add(self)
             self._extra_patches.append(patch)
+
+    def held(self, params: Sequence[torch.Tensor]) -> None:
+        """FSDP2 kept the running pass's contributions to ``params`` (watched or not) out of their ``.grad``."""
+        _guard_in_backward(self.receiver, self._record_held, params)
+
+    def _record_held(self, params: Sequence[torch.Tensor]) -> None:
+        index_of = self.receiver.index_of
+        for param in params:
+            index = index_of(param)
+            if index is not None and index in self._hooked:
+                self.grouper.record_held(index, param)
+
+    def internal_error(self, error: BaseException, where: str) -> None:
+        self.receiver.internal_error(error, where)
+
+    def unsupported(self, reason: str) -> None:
+        _guard(self.receiver, "FSDP2", self.receiver.unsupported, reason)
 
     def optimizer_gone(self, opt_index: int) -> None:
         """A watched optimizer was garbage-collected (from the garbage collector: note it, report it later)."""

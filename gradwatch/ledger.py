@@ -56,6 +56,8 @@ PER_PARAM: tuple[tuple[str, object], ...] = (
     ("nonfinite_at", None),  # (step, first, last backward) of NaN/Inf; first == last when checked per backward
     ("received", False),  # ever received a gradient
     ("adopted", 0),  # .grad held a gradient of unknown origin when watched: REPORTED or SILENT
+    ("held", 0),  # contributions FSDP2 keeps out of .grad (gradient sync off) until the next synced pass
+    ("held_first", -1),  # backward index of the first of them
 )
 
 
@@ -70,6 +72,8 @@ class Ledger:
     nonfinite_at: list[tuple[int, int, int] | None]
     received: list[bool]
     adopted: list[int]
+    held: list[int]
+    held_first: list[int]
 
     def __init__(self, owners: Sequence[int], n_optimizers: int, accumulation_steps: int | None = None) -> None:
         n = len(owners)
@@ -99,6 +103,8 @@ class Ledger:
         self.synced: deque[int] = deque(maxlen=4096)  # recent backward passes that all-reduced (DDP)
         self.allreduces = 0  # backward passes that all-reduced, and those wasted inside a window
         self.wasted_allreduces = 0
+        self.collective = "all-reduce"  # what a synced pass does: DDP all-reduces, FSDP2 reduce-scatters
+        self.n_held = 0  # parameters with held contributions
 
     # -- events ------------------------------------------------------------------------------------
     def backward(self, indices: Iterable[int], same_pass: bool = False) -> list[Occurrence]:
@@ -109,6 +115,9 @@ class Ledger:
         else:
             b = self.backwards
             self.backwards = b + 1
+        if self.n_held:
+            indices = list(indices)
+            self._land(indices)
         orphans = []
         fresh, owners = self.fresh, self.owners
         for i in indices:
@@ -127,6 +136,36 @@ class Ledger:
         if orphans:
             return [Occurrence(k.ORPHAN, tuple(sorted(orphans)), max(self.steps, default=0), b)]
         return []
+
+    def hold(self, indices: Iterable[int]) -> None:
+        """The backward pass just booked also contributed to ``indices``, but FSDP2 keeps that contribution out of
+        their ``.grad`` (gradient sync off) until a synced pass reduce-scatters it there; no clear reaches it."""
+        b = self.backwards - 1
+        for i in indices:
+            if self.owners[i] == NO_OWNER:
+                continue  # an orphan is reported when its gradient lands
+            self.received[i] = True
+            if not self.held[i]:
+                self.held_first[i] = b
+                self.n_held += 1
+            self.held[i] += 1
+
+    def _land(self, indices: Iterable[int]) -> None:
+        """A synced pass reached ``indices``: what FSDP2 held for them lands in their ``.grad`` with it."""
+        held, fresh = self.held, self.fresh
+        for i in indices:
+            if not held[i]:
+                continue
+            owner = self.owners[i]
+            if not fresh[i]:
+                self.fresh_first[i] = self.held_first[i]
+                self.n_fresh[owner] += 1
+                if self.consumed[i] and self.mixed_at[i] is None:
+                    self.mixed_at[i] = (self.steps[owner], self.held_first[i])
+            fresh[i] += held[i]
+            self.fresh_last[i] = max(self.fresh_last[i], self.backwards - 1)
+            held[i] = 0
+            self.n_held -= 1
 
     def backward_synced(self) -> None:
         """The backward pass just booked all-reduced its gradients across ranks (DDP outside ``no_sync()``)."""
@@ -418,7 +457,11 @@ class Ledger:
         with_fresh = [i for i in indices if fresh[i]]
         stale = [i for i in indices if consumed[i] and not fresh[i]]
         out: list[Occurrence] = []
-        if not with_fresh and not stale:
+        held = [i for i in indices if self.held[i]] if self.n_held else []
+        if held:  # FSDP2 still holds passes made with the sync off: the sync was not back on for the last pass
+            detail = {"held": max(self.held[i] for i in held)}
+            out.append(Occurrence(k.UNSYNCED, tuple(held), step, min(self.held_first[i] for i in held), detail))
+        elif not with_fresh and not stale:
             out.append(Occurrence(k.EMPTY_STEP, tuple(indices), step, b))
         if stale:
             out.append(Occurrence(k.STALE, tuple(stale), step, b))
@@ -516,6 +559,7 @@ class Ledger:
         self.wasted_allreduces += len(wasted)
         n = last - first + 1
         detail = {"wasted": len(wasted), "passes": n, "share": round(100 * len(wasted) / len(synced))}
+        detail["how"] = self.collective
         return [Occurrence(k.REDUNDANT_SYNC, tuple(window), step, wasted[0], detail)]
 
     def finish(self, trainable: Sequence[bool]) -> list[Occurrence]:
@@ -542,10 +586,12 @@ class Ledger:
             detail |= {"how": "not-stepped", "opt": owner}
             out.append(Occurrence(k.DISCARDED, tuple(never), self.steps[owner], self.backwards, detail))
         dangling = [i for i in left if self.fresh_last[i] > self.newest_consumed_backward]
+        dangling += [i for i, n in enumerate(self.held) if n and i not in dangling]  # synced never again
         dangling += [i for i in by_others if self.steps[self.owners[i]] and not self._is_independent(self.owners[i])]
         if dangling:
             owner = self.owners[dangling[0]]
-            detail = {"fresh": max(self.fresh[i] for i in dangling), "how": "left", "source": "the end of the run"}
+            passes = max(self.fresh[i] + self.held[i] for i in dangling)
+            detail = {"fresh": passes, "how": "left", "source": "the end of the run"}
             out.append(Occurrence(k.DANGLING, tuple(sorted(dangling)), self.steps[owner], self.backwards, detail))
         unused = [
             i

@@ -85,6 +85,9 @@ class Tracker:
         # counts as a clear made by hand and every hook call as a contribution
         # FSDP2 accumulates into the local shard of a .grad DTensor whose own version never moves: likewise
         self._rebinds = ddp is not None or sharded
+        self._reduce_scatters = sharded and count_syncs  # FSDP2 over ranks: a pass that fires the hooks synced
+        if self._reduce_scatters:
+            ledger.collective = "reduce-scatter"
         self._weight_versions = [p._version for p in params]  # at the latest step: weights moved outside a step?
         self._continuing_pass = False  # a step inside the running backward pass booked part of it already
         self._probes: dict[int, int] = {}  # per optimizer, a parameter of the latest pass: changed in place since?
@@ -147,13 +150,17 @@ class Tracker:
         self._outbox.findings(out)
 
     def on_backward_end(
-        self, grads: dict[int, torch.Tensor | None], incoming: dict[int, torch.Tensor] | None = None
+        self,
+        grads: dict[int, torch.Tensor | None],
+        incoming: dict[int, torch.Tensor] | None = None,
+        held: Sequence[int] = (),
     ) -> None:
         """One backward pass finished; ``grads`` maps each parameter it reached to its ``.grad``, ``incoming``
-        (TensorBoard only) to the device norm of what it added."""
+        (TensorBoard only) to the device norm of what it added; ``held``: parameters whose contribution FSDP2 kept
+        out of ``.grad`` (gradient sync off), to land there at the next synced pass."""
         continuing, self._continuing_pass = self._continuing_pass, False
         if not self.stopped:
-            self._outbox.findings(self._book_pass(grads, incoming, continuing))
+            self._outbox.findings(self._book_pass(grads, incoming, continuing, held))
             if self._audit is not None:
                 self._audit.pass_ended(self.ledger.backwards - 1, current_graph_task())
         self._clear_counted = False
@@ -282,7 +289,11 @@ class Tracker:
         self._outbox.findings(out)
 
     def _book_pass(
-        self, grads: dict[int, torch.Tensor | None], incoming: dict[int, torch.Tensor] | None, continuing: bool
+        self,
+        grads: dict[int, torch.Tensor | None],
+        incoming: dict[int, torch.Tensor] | None,
+        continuing: bool,
+        held: Sequence[int] = (),
     ) -> list[Occurrence]:
         ledger = self.ledger
         contributed: list[int] = []
@@ -313,6 +324,8 @@ class Tracker:
             return out
         backward = ledger.backwards - 1 if continuing else ledger.backwards
         out += ledger.backward(contributed, same_pass=continuing)
+        if held:
+            ledger.hold(held)
         owners = ledger.owners
         if len(ledger.steps) == 1:  # one optimizer: the parameter reached last is its probe
             if contributed and owners[contributed[-1]] != NO_OWNER:
@@ -328,10 +341,12 @@ class Tracker:
         synced = None
         if self._ddp is not None and contributed:
             synced = bool(getattr(self._ddp(), "require_forward_param_sync", False))  # set by DDP at the forward
-            if synced:
-                ledger.backward_synced()
+        elif self._reduce_scatters:
+            synced = bool(contributed)
+        if synced:
+            ledger.backward_synced()
         if self._telemetry is not None:
-            self._telemetry.backward(backward, contributed, synced, incoming)
+            self._telemetry.backward(backward, [*contributed, *held] if held else contributed, synced, incoming)
         if self._zeroed:
             for i in contributed:
                 if ledger.mixed_at[i] is None:
@@ -558,10 +573,14 @@ class Tracker:
             self._telemetry.release()
         self._index.clear()
 
+    def index_of(self, param: torch.Tensor) -> int | None:
+        """The index of a watched parameter, or None."""
+        i = self._index.get(id(param))
+        return i if i is not None and self._params[i]() is param else None
+
     def watches_tensor(self, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` is a watched parameter or the ``.grad`` of one."""
-        i = self._index.get(id(tensor))
-        if i is not None and self._params[i]() is tensor:
+        if self.index_of(tensor) is not None:
             return True
         return any(ref is not None and ref() is tensor for ref in self._grad_refs)
 

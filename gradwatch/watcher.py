@@ -14,6 +14,7 @@ import torch
 
 from .finding_log import POLICIES, FindingLog, OnFinding, warn
 from .findings import KINDS, Finding, GradientBugError
+from .fsdp2 import fsdp2_modules
 from .hooks import GRAD_SCALER, HookSet
 from .ledger import NO_OWNER, Ledger, Occurrence
 from .report import render_report
@@ -81,7 +82,7 @@ class Watcher:
             contribution_norms=self._sinks.wants_contributions,
             audit_losses=audit_losses,
         )
-        self._hooks.watch_gradient_sync(sharded)
+        self._hooks.watch_sharded(sharded)
         _watched.update([model, *optimizers])
         self._attached = True
 
@@ -291,13 +292,6 @@ def _refuse_sharded(model: torch.nn.Module) -> None:
             "outside the hooks it reads, so it would report false findings. Use fully_shard (FSDP2), "
             "DistributedDataParallel, or watch the model unsharded"
         )
-
-
-def fsdp2_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The modules of ``model`` that ``fully_shard`` (FSDP2) made into FSDPModules."""
-    fsdp = sys.modules.get("torch.distributed.fsdp")
-    fsdp_module = getattr(fsdp, "FSDPModule", None)
-    return [m for m in model.modules() if isinstance(m, fsdp_module)] if fsdp_module is not None else []
 
 
 def _distributed() -> tuple[int | None, int | None]:

@@ -21,8 +21,8 @@ class Recorder:
     def on_backward_start(self, index, param):
         self.events.append(("backward_start", index))
 
-    def on_backward_end(self, grads, incoming):
-        self.events.append(("backward_end", tuple(sorted(grads))))
+    def on_backward_end(self, grads, incoming, held):
+        self.events.append(("backward_end", tuple(sorted(grads))) + ((("held", tuple(sorted(held))),) if held else ()))
 
     def on_step_pre(self, opt_index, optimizer):
         self.events.append(("step_pre", opt_index))
@@ -72,6 +72,9 @@ class Recorder:
 
     def watches_tensor(self, tensor):
         return False
+
+    def index_of(self, param):
+        return None
 
     def release(self):
         pass
@@ -194,3 +197,18 @@ def test_an_error_in_the_receiver_is_contained_and_reported():
     opt.step()  # the training goes on
     hooks.remove()
     assert ("internal_error", "optimizer.step", "RuntimeError('bug in gradwatch')") in receiver.events
+
+
+def test_held_contributions_join_the_running_pass_and_are_ignored_outside_one():
+    """FSDP2's post-backward reports the parameters it kept out of .grad (sync off) through ``HookSet.held``."""
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    receiver, hooks = _installed(model, opt)
+    receiver.index_of = lambda param: 0 if param is model.weight else None
+    out = model(torch.randn(2, 3)).sum()
+    out.register_hook(lambda grad: hooks.held([model.weight, torch.zeros(1)]))
+    out.backward()
+    hooks.held([model.weight])  # outside any backward pass
+    hooks.remove()
+    ends = [event for event in receiver.events if event[0] == "backward_end"]
+    assert ends == [("backward_end", (0, 1), ("held", (0,)))]

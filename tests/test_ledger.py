@@ -218,7 +218,7 @@ def test_all_reduces_before_the_last_backward_of_a_window_are_redundant():
             ledger.backward_synced()
     (occ,) = ledger.step_end(0, [0, 1])
     assert (occ.kind, occ.params, occ.step, occ.backward) == ("redundant-sync", (0, 1), 0, 0)
-    assert occ.detail == {"wasted": 1, "passes": 3, "share": 50}
+    assert occ.detail == {"wasted": 1, "passes": 3, "share": 50, "how": "all-reduce"}
     ledger.clear([0, 1], "zero_grad")
     for synced in (False, False, True):  # the correct pattern
         ledger.backward([0, 1])
@@ -226,6 +226,40 @@ def test_all_reduces_before_the_last_backward_of_a_window_are_redundant():
             ledger.backward_synced()
     assert ledger.step_end(0, [0, 1]) == []
     assert (ledger.allreduces, ledger.wasted_allreduces) == (3, 1)
+
+
+def test_passes_fsdp2_held_out_of_grad_land_with_the_next_synced_pass_whatever_cleared_in_between():
+    ledger = Ledger([0, 0], 1, accumulation_steps=3)
+    for _ in range(2):  # sync off: FSDP2 keeps these out of .grad
+        ledger.backward([])
+        ledger.hold([0, 1])
+    assert ledger.clear([0, 1], "zero_grad") == []  # nothing in .grad to drop; FSDP's buffer is not cleared
+    ledger.backward([0, 1])  # the synced pass reduce-scatters all three
+    assert ledger.pending_window(0, [0, 1]) == (0, 2, 3)
+    assert ledger.step_end(0, [0, 1]) == []
+    assert ledger.n_held == 0
+
+
+def test_a_step_while_fsdp2_holds_passes_is_unsynced_not_empty():
+    ledger = Ledger([0, 0, NO_OWNER], 1)
+    ledger.backward([])
+    ledger.hold([0, 1, 2])  # the orphan is reported when its gradient lands, not here
+    (occ,) = ledger.step_end(0, [0, 1])
+    assert (occ.kind, occ.params, occ.backward, occ.detail) == ("unsynced-gradient", (0, 1), 0, {"held": 1})
+    ledger.backward([])
+    ledger.hold([0])
+    (end,) = ledger.finish([True, True, True])  # never synced again: never consumed
+    assert (end.kind, end.params, end.detail["fresh"]) == ("dangling-gradient", (0, 1), 2)
+
+
+def test_reduce_scatters_before_the_last_pass_are_redundant_under_fsdp2():
+    ledger = Ledger([0], 1, accumulation_steps=2)
+    ledger.collective = "reduce-scatter"
+    for _ in range(2):
+        ledger.backward([0])
+        ledger.backward_synced()
+    (occ,) = ledger.step_end(0, [0])
+    assert occ.detail == {"wasted": 1, "passes": 2, "share": 50, "how": "reduce-scatter"}
 
 
 def test_pending_window_and_booking_a_parameter():

@@ -25,7 +25,9 @@ FSDP2_BUGS = (
     "declared-larger",
     "layer-out",
     "nan",
-    "no-sync",
+    "sync-every-pass",
+    "sync-never-on",
+    "sync-on-first-pass",
 )
 
 
@@ -124,14 +126,17 @@ def _fsdp2_loop(
     *,
     bug: str | None = None,
     watched: bool = True,
-    mixed_precision: bool = False,
+    mixed_precision: torch.dtype | None = None,
 ) -> tuple[gradwatch.Watcher | None, list[torch.Tensor]]:
-    """The reference accumulation loop on a model sharded with ``fully_shard`` (each layer and the root)."""
+    """The reference accumulation loop on a model sharded with ``fully_shard`` (each layer and the root), with the
+    gradient sync off for every backward pass of a window but its last (FSDP2's ``no_sync``)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.Linear(8, 1))
-    policy = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16)} if mixed_precision else {}
+    policy = {}
+    if mixed_precision is not None:  # bf16 parameters, gradients reduced in ``mixed_precision``
+        policy = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=mixed_precision)}
     for layer in model:
         fully_shard(layer, **policy)
     fully_shard(model, **policy)
@@ -147,8 +152,9 @@ def _fsdp2_loop(
         opt.zero_grad()
         for i, (x, y) in enumerate(data):
             last = (i + 1) % ACC == 0
-            if bug == "no-sync":
-                model.set_requires_gradient_sync(last)  # FSDP2's no_sync: not supported yet
+            sync = {"sync-never-on": False, "sync-on-first-pass": i % ACC == 0}.get(bug, last)
+            if bug not in ("sync-every-pass", "zero-grad-in-window"):  # (held passes survive a clear: no bug there)
+                model.set_requires_gradient_sync(sync)
             if bug == "zero-grad-in-window":
                 opt.zero_grad()
             if not (bug == "no-backward" and i < ACC):
@@ -165,7 +171,10 @@ def _fsdp2(rank: int, logdir: str, **loop: Any) -> dict:
     assert w is not None
     left = [p for p in w._tracker._params if p() is not None and p()._post_accumulate_grad_hooks]
     return {
-        "findings": [{"kind": f.kind, "params": list(f.params), "step": f.step} for f in w.findings],
+        "findings": [
+            {"kind": f.kind, "params": list(f.params), "step": f.step, "count": f.count, "message": f.message}
+            for f in w.findings
+        ],
         "stopped": w.stopped,
         "hooks_left": len(left),
     }
@@ -190,7 +199,8 @@ SCENARIOS: dict[str, Callable[[int, str], Any]] = {
     "unscaled_loss": lambda rank, logdir: _findings(rank, logdir, loss_divisor=1),
     "weights_unchanged_by_the_watch": _unchanged,
     **{f"fsdp2_{bug or 'clean'}": functools.partial(_fsdp2, bug=bug) for bug in FSDP2_BUGS},
-    "fsdp2_mixed_precision": lambda rank, logdir: _fsdp2(rank, logdir, mixed_precision=True),
+    "fsdp2_mixed_precision_bf16": lambda rank, logdir: _fsdp2(rank, logdir, mixed_precision=torch.bfloat16),
+    "fsdp2_mixed_precision_fp32": lambda rank, logdir: _fsdp2(rank, logdir, mixed_precision=torch.float32),
     "fsdp2_weights_unchanged_by_the_watch": _fsdp2_unchanged,
 }
 

@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 import gradwatch
 from gradwatch.cli import main
+from gradwatch.traces import load_trace
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 pytestmark = [
@@ -32,12 +33,14 @@ def _on_every_rank(ddp_run, scenario):
     return first
 
 
-def test_the_reference_loop_is_clean_on_every_rank(ddp_run):
+def test_the_reference_loop_with_the_sync_off_inside_each_window_is_clean_on_every_rank(ddp_run):
     assert _on_every_rank(ddp_run, "fsdp2_clean") == {"findings": [], "stopped": None, "hooks_left": 0}
 
 
-def test_mixed_precision_is_clean(ddp_run):
-    assert _on_every_rank(ddp_run, "fsdp2_mixed_precision")["findings"] == []
+@pytest.mark.parametrize("reduce_dtype", ["bf16", "fp32"])
+def test_mixed_precision_is_clean(ddp_run, reduce_dtype):
+    """bf16 parameters reduced in bf16, or in fp32 (FSDP2 then keeps held passes in a separate fp32 buffer)."""
+    assert _on_every_rank(ddp_run, f"fsdp2_mixed_precision_{reduce_dtype}")["findings"] == []
 
 
 @pytest.mark.parametrize(
@@ -45,6 +48,8 @@ def test_mixed_precision_is_clean(ddp_run):
     [
         ("missing-zero-grad", [("uncleared-gradient", ALL, 1)]),
         ("zero-grad-in-window", [("discarded-gradient", ALL, 0), ("accumulation-mismatch", ALL, 0)]),
+        ("sync-never-on", [("unsynced-gradient", ALL, 0), ("dangling-gradient", ALL, 4)]),
+        ("sync-on-first-pass", [("unsynced-gradient", ALL, 0), ("accumulation-mismatch", ALL, 0)]),
         ("no-backward", [("empty-step", ALL, 0)]),
         ("declared-larger", [("accumulation-mismatch", ALL, 0)]),
         ("layer-out", [("orphan-gradient", ["1.weight", "1.bias"], 0)]),
@@ -53,15 +58,25 @@ def test_mixed_precision_is_clean(ddp_run):
 )
 def test_each_bug_is_found_with_the_models_names(ddp_run, bug, expected):
     outcome = _on_every_rank(ddp_run, f"fsdp2_{bug}")
-    found = [(f["kind"], f["params"], f["step"]) for f in outcome["findings"]]
+    found = [(f["kind"], f["params"], f["step"]) for f in outcome["findings"] if f["kind"] != "redundant-sync"]
     assert found[: len(expected)] == expected, found
     assert outcome["stopped"] is None and outcome["hooks_left"] == 0
 
 
-def test_accumulating_without_sync_stops_the_checks_loudly(ddp_run):
-    outcome = _on_every_rank(ddp_run, "fsdp2_no-sync")
-    assert outcome["findings"] == []
-    assert "set_requires_gradient_sync(False)" in outcome["stopped"]  # never a silent all-clear
+def test_a_window_that_reduce_scatters_every_pass_is_redundant_sync(ddp_run):
+    (finding,) = _on_every_rank(ddp_run, "fsdp2_sync-every-pass")["findings"]
+    assert (finding["kind"], finding["params"], finding["step"], finding["count"]) == ("redundant-sync", ALL, 0, 4)
+    assert "1 of the 2 backward passes" in finding["message"]
+    assert "50% of the window's reduce-scatters" in finding["message"]
+    assert "set_requires_gradient_sync(False)" in finding["message"]
+
+
+def test_held_passes_are_counted_in_their_window_and_named_in_the_trace(ddp_run):
+    out, _ = ddp_run
+    trace = load_trace(out / "fsdp2_clean" / "rank0" / "gradwatch-trace.jsonl")
+    assert [e["synced"] for e in trace.of("backward")] == [False, True] * 4
+    assert all(sorted(e["params"]) == [0, 1, 2, 3] for e in trace.of("backward"))
+    assert [e["window"] for e in trace.of("step")] == [2] * 4
 
 
 def test_training_numbers_under_fsdp2_are_identical_bit_for_bit(ddp_run):
@@ -78,21 +93,67 @@ def test_per_rank_traces_and_a_report_across_ranks(ddp_run, capsys):
 
 
 def test_detach_restores_fsdp_and_leaves_no_hook(one_rank):
-    original = fsdp.FSDPModule.set_requires_gradient_sync
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    original = FSDPParamGroup.post_backward
     model = torch.nn.Sequential(torch.nn.Linear(10, 4), torch.nn.Linear(4, 1))
     for layer in model:
         fsdp.fully_shard(layer)
     fsdp.fully_shard(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    with gradwatch.watch(model, opt, 1, on_finding="record") as w:
-        assert fsdp.FSDPModule.set_requires_gradient_sync is not original
-        torch.nn.functional.mse_loss(model(torch.randn(2, 10)), torch.zeros(2, 1)).backward()
+    with gradwatch.watch(model, opt, 2, on_finding="record") as w:
+        assert FSDPParamGroup.post_backward is not original
+        for sync in (False, True):
+            model.set_requires_gradient_sync(sync)
+            (torch.nn.functional.mse_loss(model(torch.randn(2, 10)), torch.zeros(2, 1)) / 2).backward()
         opt.step()
         opt.zero_grad()
-    assert w.findings == []
-    assert fsdp.FSDPModule.set_requires_gradient_sync is original
+    assert (w.findings, w.stopped) == ([], None)
+    assert FSDPParamGroup.post_backward is original
     assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
     model.set_requires_gradient_sync(False)  # unwatched now: nothing reported, nothing raised
+    torch.nn.functional.mse_loss(model(torch.randn(2, 10)), torch.zeros(2, 1)).backward()
+
+
+def _sharded_model_and_optimizer() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = torch.nn.Sequential(torch.nn.Linear(10, 4), torch.nn.Linear(4, 1))
+    for layer in model:
+        fsdp.fully_shard(layer)
+    fsdp.fully_shard(model)
+    return model, torch.optim.SGD(model.parameters(), lr=0.01)
+
+
+def test_an_error_reading_fsdp_internals_stops_the_checks_and_spares_the_training(one_rank, monkeypatch):
+    from gradwatch import fsdp2
+
+    def broken(fsdp_param):
+        raise AttributeError("FSDPParam changed")
+
+    monkeypatch.setattr(fsdp2, "_reached", broken)
+    model, opt = _sharded_model_and_optimizer()
+    warned = pytest.warns(gradwatch.GradientWarning, match="internal error")
+    with warned, gradwatch.watch(model, opt, 2, on_finding="record") as w:
+        for sync in (False, True):
+            model.set_requires_gradient_sync(sync)
+            torch.nn.functional.mse_loss(model(torch.randn(2, 10)), torch.zeros(2, 1)).backward()
+        opt.step()
+    assert "FSDPParam changed" in w.stopped
+
+
+def test_without_a_way_to_see_held_passes_turning_the_sync_off_stops_the_checks_loudly(one_rank, monkeypatch):
+    """A torch whose FSDP2 has no FSDPParamGroup.post_backward: never a silent all-clear."""
+    import gradwatch.hooks
+
+    monkeypatch.setattr(gradwatch.hooks, "held_pass_patch", lambda: None)
+    original = fsdp.FSDPModule.set_requires_gradient_sync
+    model, opt = _sharded_model_and_optimizer()
+    with gradwatch.watch(model, opt, 2, on_finding="record") as w:
+        model.set_requires_gradient_sync(True)
+        assert w.stopped is None
+        with pytest.warns(gradwatch.GradientWarning, match="set_requires_gradient_sync"):
+            model.set_requires_gradient_sync(False)
+    assert "cannot be read with this torch version" in w.stopped
+    assert fsdp.FSDPModule.set_requires_gradient_sync is original
 
 
 def test_fsdp1_is_refused_rather_than_misreported():
