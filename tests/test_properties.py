@@ -7,6 +7,8 @@ from helpers import watch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gradwatch.ledger import Ledger
+
 NAMES = ("weight", "bias")
 OPS = st.sampled_from(["backward", "step", "zero_none", "zero_keep", "none_weight", "none_bias", "clip"])
 
@@ -211,3 +213,32 @@ def test_a_clip_is_reported_exactly_when_a_backward_pass_came_after_the_last_uns
             ledger.clear([0, 1], "zero_grad")
             scaled = False
     assert reported == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["held", "synced", "clear", "step"]), max_size=40))
+def test_fsdp2_held_passes_land_whole_with_the_next_synced_pass(ops):
+    """FSDP2 with the gradient sync off: a pass's contribution waits in FSDP's buffer (no clear reaches it) and
+    lands in .grad with the next synced pass. Each step consumes exactly what .grad holds, and is
+    ``unsynced-gradient`` exactly when the buffer is not empty."""
+    ledger = Ledger([0], 1)
+    buffer = in_grad = 0  # passes waiting in FSDP's buffer, fresh passes in .grad
+    for op in ops:
+        if op == "held":
+            ledger.backward([])
+            ledger.hold([0])
+            buffer += 1
+        elif op == "synced":
+            ledger.backward([0])
+            in_grad, buffer = in_grad + buffer + 1, 0
+        elif op == "clear":
+            ledger.clear([0], "zero_grad")
+            in_grad = 0
+        else:
+            kinds = {occ.kind for occ in ledger.step_end(0, [0])}
+            assert ("unsynced-gradient" in kinds) == (buffer > 0)
+            if in_grad:
+                assert ledger.last_window[0] == in_grad
+            in_grad = 0
+    left = {occ.kind: occ for occ in ledger.finish([True])}
+    assert ("dangling-gradient" in left) == (buffer + in_grad > 0)
