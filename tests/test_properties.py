@@ -241,4 +241,5 @@ def test_fsdp2_held_passes_land_whole_with_the_next_synced_pass(ops):
                 assert ledger.last_window[0] == in_grad
             in_grad = 0
     left = {occ.kind: occ for occ in ledger.finish([True])}
-    assert ("dangling-gradient" in left) == (buffer + in_grad > 0)
+    if buffer:  # never synced again: never consumed
+        assert left["dangling-gradient"].detail["fresh"] >= buffer
