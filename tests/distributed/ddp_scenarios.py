@@ -202,6 +202,10 @@ SCENARIOS: dict[str, Callable[[int, str], Any]] = {
     "fsdp2_mixed_precision_bf16": lambda rank, logdir: _fsdp2(rank, logdir, mixed_precision=torch.bfloat16),
     "fsdp2_mixed_precision_fp32": lambda rank, logdir: _fsdp2(rank, logdir, mixed_precision=torch.float32),
     "fsdp2_weights_unchanged_by_the_watch": _fsdp2_unchanged,
+    # every pass reduce-scatters on both ranks (the collectives must match); rank 1 clears inside each window
+    "fsdp2_divergent": lambda rank, logdir: _fsdp2(
+        rank, logdir, bug="zero-grad-in-window" if rank else "sync-every-pass"
+    ),
 }
 
 

@@ -92,6 +92,14 @@ def test_per_rank_traces_and_a_report_across_ranks(ddp_run, capsys):
     assert "rank-divergence" not in capsys.readouterr().out
 
 
+def test_report_over_the_fsdp2_rank_traces_finds_rank_divergence(ddp_run, capsys):
+    out, _ = ddp_run
+    assert main(["report", str(out / "fsdp2_divergent")]) == 1
+    text = capsys.readouterr().out
+    assert "rank-divergence at step 0" in text
+    assert "rank 0 consumed 2 backward pass(es), rank 1 consumed 1 backward pass(es)" in text
+
+
 def test_detach_restores_fsdp_and_leaves_no_hook(one_rank):
     from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 
