@@ -127,16 +127,19 @@ def _fsdp2_loop(
     bug: str | None = None,
     watched: bool = True,
     mixed_precision: torch.dtype | None = None,
+    cpu_offload: bool = False,
 ) -> tuple[gradwatch.Watcher | None, list[torch.Tensor]]:
     """The reference accumulation loop on a model sharded with ``fully_shard`` (each layer and the root), with the
     gradient sync off for every backward pass of a window but its last (FSDP2's ``no_sync``)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.Linear(8, 1))
     policy = {}
     if mixed_precision is not None:  # bf16 parameters, gradients reduced in ``mixed_precision``
         policy = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=mixed_precision)}
+    if cpu_offload:  # pinned memory needs an accelerator
+        policy["offload_policy"] = CPUOffloadPolicy(pin_memory=False)
     for layer in model:
         fully_shard(layer, **policy)
     fully_shard(model, **policy)
@@ -201,6 +204,10 @@ SCENARIOS: dict[str, Callable[[int, str], Any]] = {
     **{f"fsdp2_{bug or 'clean'}": functools.partial(_fsdp2, bug=bug) for bug in FSDP2_BUGS},
     "fsdp2_mixed_precision_bf16": lambda rank, logdir: _fsdp2(rank, logdir, mixed_precision=torch.bfloat16),
     "fsdp2_mixed_precision_fp32": lambda rank, logdir: _fsdp2(rank, logdir, mixed_precision=torch.float32),
+    "fsdp2_cpu_offload": lambda rank, logdir: _fsdp2(rank, logdir, cpu_offload=True),
+    "fsdp2_cpu_offload_missing-zero-grad": lambda rank, logdir: _fsdp2(
+        rank, logdir, bug="missing-zero-grad", cpu_offload=True
+    ),
     "fsdp2_weights_unchanged_by_the_watch": _fsdp2_unchanged,
     # every pass reduce-scatters on both ranks (the collectives must match); rank 1 clears inside each window
     "fsdp2_divergent": lambda rank, logdir: _fsdp2(

@@ -63,6 +63,13 @@ def test_each_bug_is_found_with_the_models_names(ddp_run, bug, expected):
     assert outcome["stopped"] is None and outcome["hooks_left"] == 0
 
 
+def test_cpu_offload_is_watched_like_the_rest(ddp_run):
+    """``CPUOffloadPolicy(pin_memory=False)``: pinned memory needs an accelerator, which this machine lacks."""
+    assert _on_every_rank(ddp_run, "fsdp2_cpu_offload")["findings"] == []
+    found = _on_every_rank(ddp_run, "fsdp2_cpu_offload_missing-zero-grad")["findings"]
+    assert [(f["kind"], f["params"], f["step"]) for f in found] == [("uncleared-gradient", ALL, 1)]
+
+
 def test_a_window_that_reduce_scatters_every_pass_is_redundant_sync(ddp_run):
     (finding,) = _on_every_rank(ddp_run, "fsdp2_sync-every-pass")["findings"]
     assert (finding["kind"], finding["params"], finding["step"], finding["count"]) == ("redundant-sync", ALL, 0, 4)
