@@ -171,6 +171,20 @@ def test_without_a_way_to_see_held_passes_turning_the_sync_off_stops_the_checks_
     assert fsdp.FSDPModule.set_requires_gradient_sync is original
 
 
+def test_a_conversion_that_swaps_the_sharded_parameters_works_and_stops_the_checks_loudly(one_rank):
+    """``model.to(dtype)`` swaps FSDP2's DTensor parameters in place (``torch.utils.swap_tensors``), which refuses
+    tensors with weak references or hooks: gradwatch lets go of them first, and says the watch ended."""
+    model, opt = _sharded_model_and_optimizer()
+    before = [id(p) for p in model.parameters()]
+    w = gradwatch.watch(model, opt, 1, on_finding="record")
+    with pytest.warns(gradwatch.GradientWarning, match="swap_tensors"):
+        model.to(torch.float64)
+    assert [id(p) for p in model.parameters()] == before
+    assert all(p.dtype == torch.float64 and not p._post_accumulate_grad_hooks for p in model.parameters())
+    assert "swap_tensors" in w.stopped
+    w.detach()
+
+
 def test_fsdp1_is_refused_rather_than_misreported():
     """FSDP1 needs an accelerator to wrap a model; an instance made without its __init__ is enough to show that
     watch() refuses it and leaves nothing behind."""
