@@ -28,17 +28,21 @@ def _free_port() -> int:
 def ddp_run(tmp_path_factory):
     """Run every scenario on two ranks; return the output directory and each rank's findings per scenario.
 
-    A rank killed by a signal (gloo aborting in teardown: seen once in about 30 runs on the 2-core machine, in
-    scenarios that had all passed) is run again once; a scenario that raises fails at once."""
+    A rank killed by a signal (gloo aborting in its teardown, "terminate called without an active exception": seen
+    in about 1 run of 15 on the 2-core machine under load) after every rank wrote its results does not matter; one
+    killed before that is run again once; a scenario that raises fails at once."""
     for attempt in (1, 2):
         out = tmp_path_factory.mktemp("ddp")
         try:
             _spawn(out)
         except mp.ProcessExitedException as error:
-            if attempt == 2:
+            if all((out / f"rank{r}.json").exists() for r in RANKS):
+                warnings.warn(f"a rank died in its teardown ({error}), after writing its results", stacklevel=1)
+            elif attempt == 2:
                 raise
-            warnings.warn(f"a rank died ({error}); running the two ranks again", stacklevel=1)
-            continue
+            else:
+                warnings.warn(f"a rank died ({error}); running the two ranks again", stacklevel=1)
+                continue
         return out, {r: json.loads((out / f"rank{r}.json").read_text()) for r in RANKS}
     raise AssertionError("unreachable")
 

@@ -229,7 +229,9 @@ def run_rank(rank: int, world_size: int, port: int, out_dir: str, names: list[st
     try:
         for name in names:
             results[name] = SCENARIOS[name](rank, os.path.join(out_dir, name))
+        path = os.path.join(out_dir, f"rank{rank}.json")
+        with open(path + ".part", "w") as f:  # complete or absent: the teardown below has been seen to abort
+            json.dump(results, f)
+        os.replace(path + ".part", path)
     finally:
         dist.destroy_process_group()
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
