@@ -53,6 +53,7 @@ class Receiver(Protocol):
     def before_module_clear(self, module: torch.nn.Module) -> None: ...
     def on_module_cleared(self, module: torch.nn.Module) -> None: ...
     def on_clip(self, parameters: list[torch.Tensor], how: str) -> None: ...
+    def on_clipped(self) -> None: ...
     def on_unscale(self, opt_index: int, scaler: Any) -> None: ...
     def before_scaler_step(self, opt_index: int, scaler: Any) -> None: ...
     def after_scaler_step(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None: ...
@@ -452,11 +453,15 @@ def _clipping(how: str) -> Callable[[Callable[..., Any], Watches], Callable[...,
     def make(original: Callable[..., Any], watches: Watches) -> Callable[..., Any]:
         def clip(parameters: Any, *args: Any, **kwargs: Any) -> Any:
             watching = list(watches)
-            if watching:
-                parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-                for hooks in watching:
-                    _guard(hooks.receiver, how, hooks.receiver.on_clip, parameters, how)
-            return original(parameters, *args, **kwargs)
+            if not watching:
+                return original(parameters, *args, **kwargs)
+            parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+            for hooks in watching:
+                _guard(hooks.receiver, how, hooks.receiver.on_clip, parameters, how)
+            result = original(parameters, *args, **kwargs)
+            for hooks in watching:
+                _guard(hooks.receiver, how, hooks.receiver.on_clipped)
+            return result
 
         return clip
 

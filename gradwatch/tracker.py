@@ -90,6 +90,7 @@ class Tracker:
             ledger.collective = "reduce-scatter"
         self._weight_versions = [p._version for p in params]  # at the latest step: weights moved outside a step?
         self._continuing_pass = False  # a step inside the running backward pass booked part of it already
+        self._clipping: list[tuple[int, torch.Tensor]] = []  # gradients a running clip changes, seen unchanged
         self._probes: dict[int, int] = {}  # per optimizer, a parameter of the latest pass: changed in place since?
         # fresh gradients found changed in place when a pass began: (device evidence, passes before, that pass)
         self._zeroed_fresh: dict[int, tuple[list[tuple[torch.Tensor, int | None]], int, int]] = {}
@@ -463,15 +464,29 @@ class Tracker:
             return
         ledger, index, refs = self.ledger, self._index, self._params
         by_owner: dict[int, list[int]] = {}
+        self._clipping = []
         for p in parameters:
             i = index.get(id(p))
-            if i is not None and ledger.owners[i] != NO_OWNER and refs[i]() is p:
-                by_owner.setdefault(ledger.owners[i], []).append(i)
+            if i is not None and refs[i]() is p:
+                grad, ref = p.grad, self._grad_refs[i]
+                if grad is not None and ref is not None and ref() is grad and grad._version == self._grad_versions[i]:
+                    self._clipping.append((i, grad))
+                if ledger.owners[i] != NO_OWNER:
+                    by_owner.setdefault(ledger.owners[i], []).append(i)
         scaler = self._scaler() if self._scaler is not None else None
         scaled = None if scaler is None else scaler.is_enabled()
         self._outbox.findings(
             [occ for opt, indices in by_owner.items() for occ in ledger.clip(opt, indices, how, scaled)]
         )
+
+    def on_clipped(self) -> None:
+        """The clipping function ran: its in-place change of the gradients we had seen unchanged is no clear (a
+        gradient changed by something else before the clip stays changed, to be judged as such)."""
+        clipped, self._clipping = self._clipping, []
+        for i, grad in clipped:
+            p = self._params[i]()
+            if p is not None and p.grad is grad:
+                self._grad_versions[i] = grad._version
 
     def on_unscale(self, opt_index: int, scaler: Any) -> None:
         """``scaler.unscale_(optimizer)`` ran."""

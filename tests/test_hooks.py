@@ -45,6 +45,9 @@ class Recorder:
     def on_clip(self, parameters, how):
         self.events.append(("clip", how))
 
+    def on_clipped(self):
+        self.events.append(("clipped",))
+
     def on_loss(self, loss, args, kwargs):
         self.events.append(("loss", loss))
         return loss
@@ -212,3 +215,15 @@ def test_held_contributions_join_the_running_pass_and_are_ignored_outside_one():
     hooks.remove()
     ends = [event for event in receiver.events if event[0] == "backward_end"]
     assert ends == [("backward_end", (0, 1), ("held", (0,)))]
+
+
+def test_a_clipping_function_is_announced_before_it_runs_and_after_with_its_result():
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    receiver, hooks = _installed(model, opt)
+    model(torch.randn(2, 3)).sum().backward()
+    receiver.events.clear()
+    total = torch.nn.utils.clip_grad_norm_((p for p in model.parameters()), 1.0)  # a generator is read once
+    hooks.remove()
+    assert receiver.events == [("clip", "clip_grad_norm_"), ("clipped",)]
+    assert float(total) > 0

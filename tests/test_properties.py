@@ -29,6 +29,7 @@ class ReferenceRules:
         self.skipped = False  # the latest step came after a whole window was dropped
         self.first = {}  # kind -> (step, backward)
         self.params = {}  # kind -> names
+        self.set_to_none = set()  # .grad set to None by hand, not noticed yet: that needs a look at the tensors
 
     def _found(self, kind, names, step=None, backward=None):
         step = self.steps if step is None else step
@@ -48,6 +49,16 @@ class ReferenceRules:
             self.mixed.pop(n, None)
 
     def apply(self, op):
+        if op.startswith("none_"):
+            name = op[len("none_") :]
+            self.set_to_none.add(name)
+            self.has_grad[name] = False
+            return
+        if op == "clip":  # changes values in place: not a clear, nothing to book
+            return
+        if op in ("backward", "step") and self.set_to_none:  # noticed on the tensors before the pass or step
+            self._clear(sorted(self.set_to_none))
+        self.set_to_none.clear()  # (a zero_grad clears them with the rest, in one clear)
         if op == "backward":
             for n in NAMES:
                 if self.consumed[n] and not self.fresh[n]:
@@ -96,13 +107,10 @@ class ReferenceRules:
             self.steps += 1
         elif op in ("zero_none", "zero_keep"):
             self._clear(NAMES)
-        elif op.startswith("none_"):
-            name = op[len("none_") :]
-            self._clear([name])
-            self.has_grad[name] = False
-        # clip changes values in place: not a clear, nothing to book
 
     def finish(self):
+        if self.set_to_none:  # detach() looks at the tensors one last time
+            self._clear(sorted(self.set_to_none))
         expected = self.k or self.last_window
         if self.dropped is not None and self.dropped[1] > 0 and expected is not None and self.dropped[0] < expected:
             _, step, backward, names = self.dropped
@@ -137,7 +145,7 @@ def _run(ops, accumulation_steps):
     return w
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(OPS, max_size=14), accumulation_steps=st.sampled_from([None, 1, 2]))
 def test_findings_match_the_reference_rules(ops, accumulation_steps):
     w = _run(ops, accumulation_steps)

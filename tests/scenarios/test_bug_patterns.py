@@ -414,3 +414,20 @@ def test_a_step_without_backward_after_a_clear_by_hand_is_an_empty_step():
     f = the(w, "empty-step")
     assert kinds(w) == {"empty-step"}
     assert (f.params, f.step) == (("weight", "bias"), 1)
+
+
+@pytest.mark.parametrize("clip", ["clip_grad_norm_", "clip_grad_value_"])
+def test_missing_zero_grad_with_clipping_on_a_model_of_one_parameter_tensor(clip):
+    """A clip after the step changes the consumed gradient in place, as a hand-made ``p.grad.zero_()`` would; with
+    no other parameter to compare with, that change must not be taken for a clear (gradwatch saw the clip run)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(10, 1, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with watch(model, opt) as w:
+        for x, y in reference_data():
+            mse(model, x, y, 1).backward()
+            opt.step()  # zero_grad() forgotten
+            getattr(torch.nn.utils, clip)(model.parameters(), 0.01)  # (too late to matter, too)
+    f = the(w, "uncleared-gradient")
+    assert kinds(w) == {"uncleared-gradient"}
+    assert (f.params, f.step, f.backward) == (("weight",), 1, 1)
