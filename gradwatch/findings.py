@@ -137,7 +137,8 @@ _MESSAGES: Mapping[str | tuple[str, str], str] = {
         "of {params} across ranks (backward pass {backward} first), although only the window's last one needs "
         "to: {share}% of the window's reduce-scatters were wasted communication. Call "
         "model.set_requires_gradient_sync(False) before the other backward passes of each accumulation window and "
-        "model.set_requires_gradient_sync(True) before its last one."
+        "model.set_requires_gradient_sync(True) before its last one (FSDP2 then holds the unsharded gradients "
+        "between passes: if memory does not allow that, keep syncing every pass and ignore this warning)."
     ),
     UNSYNCED: (
         "optimizer step {step} ran while FSDP2 still held, unreduced and outside .grad, the gradient of {held} "
