@@ -224,6 +224,53 @@ class Ledger:
         self.owners[i] = owner
         return True
 
+    # -- questions -----------------------------------------------------------------------------------
+    def is_fresh(self, i: int) -> bool:
+        """Whether parameter ``i``'s ``.grad`` holds contributions no step consumed yet."""
+        return bool(self.fresh[i])
+
+    def fresh_passes(self, i: int) -> int:
+        """How many contributions no step consumed yet parameter ``i``'s ``.grad`` holds."""
+        return self.fresh[i]
+
+    def holds_gradient(self, i: int) -> bool:
+        """Whether parameter ``i``'s ``.grad`` holds contributions, consumed or not (a clear would empty it)."""
+        return bool(self.fresh[i] or self.consumed[i])
+
+    def only_consumed(self, i: int) -> bool:
+        """Whether parameter ``i``'s ``.grad`` holds consumed contributions and nothing fresh."""
+        return bool(self.consumed[i]) and not self.fresh[i]
+
+    def clear_suspects(self) -> list[int]:
+        """Parameters whose ``.grad`` holds only consumed contributions: a backward pass adding onto one of them
+        needs a look at whether something cleared it in place first."""
+        if not self.uncleared:
+            return []
+        fresh = self.fresh
+        return [i for i, c in enumerate(self.consumed) if c and not fresh[i]]
+
+    def fresh_among(self, indices: Iterable[int]) -> list[int]:
+        """The parameters of ``indices`` holding fresh contributions."""
+        fresh = self.fresh
+        return [i for i in indices if fresh[i]]
+
+    def window_size(self, indices: Iterable[int]) -> int:
+        """The most fresh contributions any of ``indices`` holds: the passes a step over them would consume."""
+        fresh = self.fresh
+        return max((fresh[i] for i in indices), default=0)
+
+    def is_mixed(self, i: int) -> bool:
+        """Whether fresh contributions landed on consumed ones in parameter ``i``'s ``.grad``."""
+        return self.mixed_at[i] is not None
+
+    def is_nonfinite(self, i: int) -> bool:
+        """Whether NaN/Inf was found in parameter ``i``'s pending gradient."""
+        return self.nonfinite_at[i] is not None
+
+    def window_unknown(self, opt: int) -> bool:
+        """Whether optimizer ``opt``'s pending window began before the watch (its size is unknown)."""
+        return opt in self.unknown_window
+
     def has_unconsumed(self, indices: Iterable[int]) -> bool:
         """Whether clearing ``indices`` would drop contributions no step consumed."""
         fresh = self.fresh

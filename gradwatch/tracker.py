@@ -113,12 +113,12 @@ class Tracker:
         if self.stopped:
             return
         for probe in self._probes.values():
-            if probe != index and ledger.fresh[probe] and self._changed_in_place(probe):
+            if probe != index and ledger.is_fresh(probe) and self._changed_in_place(probe):
                 self._look_at_changed_fresh(index, param)
                 break
-        if not ledger.uncleared:
+        suspects = ledger.clear_suspects()
+        if not suspects:
             return
-        suspects = [i for i, c in enumerate(ledger.consumed) if c and not ledger.fresh[i]]
         cleared, live, grads = [], [], []
         for i in suspects:
             if i == index:
@@ -229,16 +229,16 @@ class Tracker:
         """Fresh gradients changed in place between two passes of a window: zeroed by hand (a window dropped, or
         a clear inside it)? Computed on the device now, read at the next step or clear."""
         ledger = self.ledger
-        changed = [i for i, f in enumerate(ledger.fresh) if f and i != index and self._changed_in_place(i)]
+        changed = [i for i in ledger.fresh_among(range(len(self._params))) if i != index and self._changed_in_place(i)]
         grads = [self._params[i]().grad for i in changed]  # type: ignore[union-attr]
         b = ledger.backwards
         groups = zero_flags(grads) if grads else []
         for positions, zeros in groups:
             for pos, at in enumerate(positions):
-                self._zeroed_fresh[changed[at]] = ([(zeros, pos)], ledger.fresh[changed[at]], b)
+                self._zeroed_fresh[changed[at]] = ([(zeros, pos)], ledger.fresh_passes(changed[at]), b)
         grad = param.grad
-        if groups and ledger.fresh[index] and grad is not None and grad._version - self._grad_versions[index] > 1:
-            self._zeroed_fresh[index] = ([(zeros, None) for _, zeros in groups], ledger.fresh[index], b)
+        if groups and ledger.is_fresh(index) and grad is not None and grad._version - self._grad_versions[index] > 1:
+            self._zeroed_fresh[index] = ([(zeros, None) for _, zeros in groups], ledger.fresh_passes(index), b)
 
     def _resolve_zeroed_fresh(self) -> list[Occurrence]:
         """Read the evidence of ``_look_at_changed_fresh``: the contributions before that pass were dropped."""
@@ -299,6 +299,8 @@ class Tracker:
         ledger = self.ledger
         contributed: list[int] = []
         cleared: list[int] = []
+        # the hot path, one iteration per parameter per backward pass: the ledger's counters read as lists (a method
+        # call per parameter would cost as much as the rest of the iteration)
         refs, versions, rebinds, fresh, consumed = (
             self._grad_refs,
             self._grad_versions,
@@ -306,7 +308,7 @@ class Tracker:
             ledger.fresh,
             ledger.consumed,
         )
-        for i, grad in grads.items():  # the hot path: one iteration per parameter per backward pass
+        for i, grad in grads.items():
             if grad is None:  # an undefined incoming gradient: nothing accumulated
                 continue
             ref = refs[i]
@@ -350,7 +352,7 @@ class Tracker:
             self._telemetry.backward(backward, [*contributed, *held] if held else contributed, synced, incoming)
         if self._zeroed:
             for i in contributed:
-                if ledger.mixed_at[i] is None:
+                if not ledger.is_mixed(i):
                     self._zeroed.pop(i, None)
         owned = [i for i in contributed if ledger.owners[i] != NO_OWNER] if self._check_every_backward else []
         if owned:
@@ -382,7 +384,7 @@ class Tracker:
         ledger = self.ledger
         params = self._params_of(opt_index, optimizer)
         indices = [i for i, _ in params]
-        mixed = [i for i in indices if ledger.mixed_at[i] is not None and i in self._zeroed]
+        mixed = [i for i in indices if i in self._zeroed and ledger.is_mixed(i)]
         if mixed:
             flags = [self._zeroed[i] for i in mixed]
             values = iter(read_flags([flag for per_param in flags for flag in per_param]))
@@ -430,8 +432,8 @@ class Tracker:
         zero = [pos for pos, n in enumerate(norms) if n == 0.0] if norms is not None else None
         zeroed = self._hand_zeroed(consumed, changed, zero) if changed else []
         cleared = self._clear(zeroed, ZEROED_BY_HAND, before_step=True) if zeroed else []
-        step, window = ledger.steps[opt_index], max((ledger.fresh[i] for i, _ in consumed), default=0)
-        adopted = opt_index in ledger.unknown_window
+        step, window = ledger.steps[opt_index], ledger.window_size(i for i, _ in consumed)
+        adopted = ledger.window_unknown(opt_index)
         out = cleared + ledger.step_end(opt_index, [i for i, _ in params])
         record = StepRecord(
             opt_index, step, ledger.backwards, window, tuple(i for i, _ in consumed), tuple(norms or ()), adopted
@@ -513,11 +515,9 @@ class Tracker:
         ledger.unscaled(opt_index)
         if self._steps_before_scaler.pop(opt_index, None) != ledger.steps[opt_index]:
             return
-        fresh = [(i, p) for i, p in self._params_of(opt_index, optimizer) if ledger.fresh[i]]
+        fresh = [(i, p) for i, p in self._params_of(opt_index, optimizer) if ledger.is_fresh(i)]
         self._check_finite(fresh)  # a rare path: the read says which gradients overflowed
-        self._outbox.findings(
-            ledger.skipped_step(opt_index, [i for i, _ in fresh if ledger.nonfinite_at[i] is not None])
-        )
+        self._outbox.findings(ledger.skipped_step(opt_index, [i for i, _ in fresh if ledger.is_nonfinite(i)]))
 
     def on_param_group_added(self, opt_index: int, optimizer: torch.optim.Optimizer) -> list[tuple[int, torch.Tensor]]:
         """``optimizer.add_param_group()`` ran: book the new group's parameters to it (new ones are watched under
@@ -619,7 +619,7 @@ class Tracker:
         params = [ref() for ref in self._params]
         alive = [(i, p) for i, p in enumerate(params) if p is not None]
         out = self._resolve_zeroed_fresh()
-        fresh = [(i, p) for i, p in alive if self.ledger.fresh[i] and p.grad is not None]
+        fresh = [(i, p) for i, p in alive if self.ledger.is_fresh(i) and p.grad is not None]
         self._check_finite(fresh)
         zeroed = self._hand_zeroed(fresh, self._changed_positions(fresh))
         out += self._clear(zeroed, ZEROED_BY_HAND, before_step=True) if zeroed else []
@@ -640,7 +640,7 @@ class Tracker:
             return
         self._outbox.findings(self._resolve_zeroed_fresh())
         if self.ledger.has_unconsumed(i for i, _ in params):
-            self._check_finite([(i, p) for i, p in params if self.ledger.fresh[i]])
+            self._check_finite([(i, p) for i, p in params if self.ledger.is_fresh(i)])
 
     def _know_scaler(self, scaler: Any) -> None:
         if self._scaler is None or self._scaler() is None:
@@ -658,9 +658,7 @@ class Tracker:
     ) -> list[Occurrence]:
         ledger = self.ledger
         perturbed = (  # (found at a step, the weights moved by that step: not the loop's doing)
-            not before_step
-            and ledger.has_unconsumed(indices)
-            and self._weights_moved([i for i in indices if ledger.fresh[i]])
+            not before_step and ledger.has_unconsumed(indices) and self._weights_moved(ledger.fresh_among(indices))
         )
         out = ledger.clear(
             indices, source, perturbed=perturbed, count=count, before_step=before_step, where=user_location
@@ -676,7 +674,7 @@ class Tracker:
         """One loop over a step's parameters: the fresh gradients it consumed, the positions among them changed in
         place since their last pass (zeroed by hand, or clipped), and the versions after the step, of the weights
         (did the loop move them later?) and of the gradients (changed in place before the next pass or step?)."""
-        versions, grad_versions, refs, fresh = (
+        versions, grad_versions, refs, fresh = (  # once per parameter per step: the counters read as a list
             self._weight_versions,
             self._grad_versions,
             self._grad_refs,
@@ -748,14 +746,14 @@ class Tracker:
         for i, p in params:
             grad = p.grad
             if grad is None:
-                if ledger.fresh[i] or ledger.consumed[i]:
+                if ledger.holds_gradient(i):
                     cleared.append(i)
-            elif ledger.consumed[i] and not ledger.fresh[i] and self._changed_in_place(i):
+            elif ledger.only_consumed(i) and self._changed_in_place(i):
                 zeroed_consumed.append((i, p))  # changed in place since its step, with no backward since
             elif not self._same_grad(i, grad):
                 self._grad_refs[i] = weakref.ref(grad)
                 self._grad_versions[i] = grad._version
-                if not ledger.fresh[i]:
+                if not ledger.is_fresh(i):
                     (supplied if supply else cleared).append(i)
         out = self._clear(cleared, SET_TO_NONE) if cleared else []
         if zeroed_consumed:  # a rare path (the step consumes nothing fresh): read whether they were zeroed
