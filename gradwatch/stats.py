@@ -116,10 +116,19 @@ def nonfinite_and_zero(tensors: Sequence[torch.Tensor], candidates: Sequence[int
     return confirm_nonfinite(tensors, bad) if bad else [], [p for p in candidates if values.get(p) == 0.0]
 
 
+_GROUP_BY_DEVICE_AND_DTYPE = getattr(torch._C, "_group_tensors_by_device_and_dtype", None)  # what optimizers use
+
+
 def _foreach_norms(tensors: Sequence[torch.Tensor]) -> list[tuple[list[int], list[torch.Tensor]]]:
-    """(positions, unstacked 0-d norms) per device/dtype group."""
+    """(positions, unstacked 0-d norms) per device/dtype group of the dense tensors."""
     tensors = local_tensors(tensors)
     with torch.no_grad():
+        if _GROUP_BY_DEVICE_AND_DTYPE is not None and tensors:
+            try:  # grouped in C++: a third of the Python loop's time over 1000 tensors
+                grouped = sorted(_GROUP_BY_DEVICE_AND_DTYPE([tensors], True).values(), key=lambda g: g[1][0])
+                return [(list(positions), torch._foreach_norm(lists[0])) for lists, positions in grouped]
+            except (RuntimeError, TypeError):  # a sparse gradient has no norm kernel: the Python grouping skips it
+                pass
         return [(pos, torch._foreach_norm([tensors[p] for p in pos])) for pos in _groups(tensors).values()]
 
 

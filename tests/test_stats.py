@@ -69,3 +69,9 @@ def test_an_overflowing_norm_of_finite_values_is_not_a_nan(dtype):
     nan = torch.tensor([1.0, math.nan], dtype=dtype)
     assert nonfinite_positions([big, torch.ones(3, dtype=dtype), nan]) == [2]
     assert nonfinite_and_zero([big, nan], [0, 1]) == ([1], [])
+
+
+def test_a_sparse_gradient_among_dense_ones_is_skipped_and_the_dense_ones_still_checked():
+    sparse = torch.sparse_coo_tensor([[0]], [float("nan")], (3,))  # no norm kernel: not checked (README)
+    tensors = [torch.tensor([1.0, float("inf")]), sparse, torch.ones(2, dtype=torch.float64), torch.ones(2)]
+    assert nonfinite_positions(tensors) == [0]
