@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 import gradwatch
 from gradwatch.cli import main
@@ -198,3 +200,78 @@ def test_fsdp1_is_refused_rather_than_misreported():
         gradwatch.watch(model, opt)
     assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
     assert "zero_grad" not in opt.__dict__
+
+
+FSDP2_OPS = st.lists(
+    st.sampled_from(["backward", "step", "zero_none", "zero_keep", "model_zero", "none_bias"]), max_size=10
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=FSDP2_OPS, accumulation_steps=st.sampled_from([None, 2]))
+def test_a_sharded_model_gets_the_findings_of_the_same_model_unsharded(one_rank, ops, accumulation_steps):
+    """On one rank, every backward pass reduce-scatters and FSDP2 is only a different path into .grad: whatever
+    the loop does with backward, step and the clears, the findings must be those of the unsharded model."""
+
+    def run(shard: bool) -> list[tuple[str, tuple[str, ...], int, int]]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(10, 4), torch.nn.Linear(4, 1))
+        if shard:
+            for layer in model:
+                fsdp.fully_shard(layer)
+            fsdp.fully_shard(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        x, y = torch.randn(2, 10), torch.zeros(2, 1)
+        with gradwatch.watch(model, opt, accumulation_steps, on_finding="record", audit_losses=False) as w:
+            for op in ops:
+                if op == "backward":
+                    torch.nn.functional.mse_loss(model(x), y).backward()
+                elif op == "step":
+                    opt.step()
+                elif op in ("zero_none", "zero_keep"):
+                    opt.zero_grad(set_to_none=op == "zero_none")
+                elif op == "model_zero":
+                    model.zero_grad()
+                else:
+                    model[1].bias.grad = None
+        assert w.stopped is None
+        return [(f.kind, f.params, f.step, f.count) for f in w.findings]
+
+    assert run(shard=True) == run(shard=False)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.sampled_from(["sync_off", "sync_on", "backward", "step", "zero_grad"]), max_size=12))
+@example(ops=["sync_off", "backward", "zero_grad", "backward", "sync_on", "backward", "step", "sync_off", "step"])
+def test_unsynced_gradient_exactly_when_a_step_runs_while_fsdp2_holds_passes(one_rank, ops):
+    """Through real FSDP2 passes: FSDP2 holds each pass run with the sync off until a synced pass lands them all in
+    .grad (no clear reaches them). Each step consumes what .grad holds; a step while FSDP2 holds passes is
+    ``unsynced-gradient``, first at that step; gradwatch never stops."""
+    model, opt = _sharded_model_and_optimizer()
+    x, y = torch.randn(2, 10), torch.zeros(2, 1)
+    held = in_grad = steps = 0
+    sync, first_unsynced = True, None
+    with gradwatch.watch(model, opt, on_finding="record", audit_losses=False) as w:
+        for op in ops:
+            if op in ("sync_off", "sync_on"):
+                sync = op == "sync_on"
+                model.set_requires_gradient_sync(sync)
+            elif op == "backward":
+                torch.nn.functional.mse_loss(model(x), y).backward()
+                if sync:
+                    in_grad, held = in_grad + held + 1, 0
+                else:
+                    held += 1
+            elif op == "step":
+                opt.step()
+                if held and first_unsynced is None:
+                    first_unsynced = steps
+                if in_grad:
+                    assert w._tracker.ledger.last_window[0] == in_grad
+                in_grad, steps = 0, steps + 1
+            else:
+                opt.zero_grad()
+                in_grad = 0
+    assert w.stopped is None
+    unsynced = [f for f in w.findings if f.kind == "unsynced-gradient"]
+    assert [f.step for f in unsynced] == ([] if first_unsynced is None else [first_unsynced])
