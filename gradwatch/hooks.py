@@ -458,10 +458,11 @@ def _clipping(how: str) -> Callable[[Callable[..., Any], Watches], Callable[...,
             parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
             for hooks in watching:
                 _guard(hooks.receiver, how, hooks.receiver.on_clip, parameters, how)
-            result = original(parameters, *args, **kwargs)
-            for hooks in watching:
-                _guard(hooks.receiver, how, hooks.receiver.on_clipped)
-            return result
+            try:
+                return original(parameters, *args, **kwargs)
+            finally:  # (error_if_nonfinite raises before it changes anything)
+                for hooks in watching:
+                    _guard(hooks.receiver, how, hooks.receiver.on_clipped)
 
         return clip
 

@@ -431,3 +431,20 @@ def test_missing_zero_grad_with_clipping_on_a_model_of_one_parameter_tensor(clip
     f = the(w, "uncleared-gradient")
     assert kinds(w) == {"uncleared-gradient"}
     assert (f.params, f.step, f.backward) == (("weight",), 1, 1)
+
+
+def test_a_clear_by_hand_inside_the_window_is_still_seen_when_a_clip_follows_it():
+    """The clip's own in-place change is forgiven only on gradients it found unchanged since gradwatch last saw them."""
+    model, opt = reference_model()
+    with watch(model, opt, accumulation_steps=ACC) as w:
+        for i, (x, y) in enumerate(reference_data()):
+            if i % ACC:
+                for p in model.parameters():
+                    p.grad.zero_()  # inside the window
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+            mse(model, x, y, ACC).backward()
+            if (i + 1) % ACC == 0:
+                opt.step()
+                opt.zero_grad()
+    assert kinds(w) == {"discarded-gradient", "accumulation-mismatch"}
+    assert the(w, "discarded-gradient").params == ("weight", "bias")
