@@ -80,7 +80,7 @@ class AutoAttach:
         model = torch.nn.Module()
         names: dict[str, int] = {}
         for module in roots:
-            base = type(module).__name__
+            base = _written_class(module).__name__
             names[base] = names.get(base, 0) + 1
             model.add_module(base if names[base] == 1 else f"{base}{names[base]}", module)
         in_model = {id(p) for p in model.parameters()}
@@ -112,6 +112,14 @@ def optimizers_over(model: torch.nn.Module) -> list[torch.optim.Optimizer]:
     """The live optimizers (unwrapped) that hold any of ``model``'s parameters."""
     held = {id(p) for p in model.parameters()}
     return [o for o in _live_optimizers() if any(id(p) in held for g in o.param_groups for p in g["params"])]
+
+
+def _written_class(module: torch.nn.Module) -> type:
+    """The module's class as the script wrote it: FSDP2 swaps in a subclass (``FSDPSequential``) made on the fly."""
+    for cls in type(module).__mro__:
+        if not cls.__module__.startswith("torch.distributed.fsdp"):
+            return cls
+    return type(module)
 
 
 def _contains(outer: torch.nn.Module, inner: torch.nn.Module) -> bool:

@@ -198,3 +198,49 @@ def test_a_run_whose_checking_stopped_is_not_a_clean_run(tmp_path):
     result = _run(str(path))
     assert result.returncode == 3, result.stderr
     assert "CHECKING STOPPED" in result.stderr and "compiled autograd" in result.stderr
+
+
+FSDP2_SCRIPT = """
+import socket
+import sys
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(10, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+for layer in (model[0], model[2]):
+    fully_shard(layer)
+fully_shard(model)
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+opt.zero_grad()
+for i in range(8):
+    last = (i + 1) % 2 == 0
+    model.set_requires_gradient_sync(last)  # FSDP2's no_sync on the window's first pass
+    (torch.nn.functional.mse_loss(model(torch.randn(4, 10)), torch.randn(4, 1)) / 2).backward()
+    if last:
+        opt.step()
+        if sys.argv[1:] != ["missing"]:
+            opt.zero_grad()
+dist.destroy_process_group()
+print("script done")
+"""
+
+
+def test_an_fsdp2_script_accumulating_with_the_sync_off_is_watched(tmp_path):
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    if not hasattr(fsdp, "fully_shard") or not torch.distributed.is_gloo_available():
+        pytest.skip("needs FSDP2 and gloo")
+    path = tmp_path / "train.py"
+    path.write_text(FSDP2_SCRIPT)
+    clean = _run("--accumulation-steps", "2", str(path))
+    assert clean.returncode == 0, clean.stderr
+    assert "no findings" in clean.stderr
+    buggy = _run("--on-finding", "warn", str(path), "missing")
+    assert buggy.returncode == 1, buggy.stderr
+    assert "uncleared-gradient" in buggy.stderr
+    assert "Sequential.0.weight" in buggy.stderr and "FSDPSequential" not in buggy.stderr  # the script's class
