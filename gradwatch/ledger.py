@@ -119,10 +119,10 @@ class Ledger:
             indices = list(indices)
             self._land(indices)
         orphans = []
-        fresh, owners = self.fresh, self.owners
-        for i in indices:
+        fresh, owners, received, fresh_last = self.fresh, self.owners, self.received, self.fresh_last
+        for i in indices:  # once per parameter per backward pass
             owner = owners[i]
-            self.received[i] = True
+            received[i] = True
             if owner == NO_OWNER:
                 orphans.append(i)
                 continue
@@ -132,7 +132,7 @@ class Ledger:
                 if self.consumed[i] and self.mixed_at[i] is None:
                     self.mixed_at[i] = (self.steps[owner], b)
             fresh[i] += 1
-            self.fresh_last[i] = b
+            fresh_last[i] = b
         if orphans:
             return [Occurrence(k.ORPHAN, tuple(sorted(orphans)), max(self.steps, default=0), b)]
         return []

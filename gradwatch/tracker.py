@@ -82,9 +82,11 @@ class Tracker:
         self._telemetry = Telemetry(sinks) if sinks else None
         self._ddp = weakref.ref(ddp) if ddp is not None and count_syncs else None
         # DDP rebinds .grad to views of its flat buckets (which share one version counter): under it, only None
-        # counts as a clear made by hand and every hook call as a contribution
-        # FSDP2 accumulates into the local shard of a .grad DTensor whose own version never moves: likewise
-        self._rebinds = ddp is not None or sharded
+        # counts as a clear made by hand and every hook call as a contribution. FSDP2 keeps its .grad DTensor until a
+        # clear (a new tensor after one: identity still tells), but accumulates into its local shard, so the
+        # DTensor's own version never moves: every hook call is a contribution there too
+        self._rebinds = ddp is not None
+        self._versions_unreliable = ddp is not None or sharded
         self._reduce_scatters = sharded and count_syncs  # FSDP2 over ranks: a pass that fires the hooks synced
         if self._reduce_scatters:
             ledger.collective = "reduce-scatter"
@@ -213,8 +215,8 @@ class Tracker:
 
     def _changed_in_place(self, i: int) -> bool:
         """Whether parameter ``i``'s ``.grad`` is the tensor we last saw, changed in place since then (never under
-        DDP, whose bucket views share one version counter)."""
-        if self._rebinds:
+        DDP, whose bucket views share one version counter, nor FSDP2)."""
+        if self._versions_unreliable:
             return False
         p = self._params[i]()
         grad = None if p is None else p.grad
@@ -301,10 +303,10 @@ class Tracker:
         cleared: list[int] = []
         # the hot path, one iteration per parameter per backward pass: the ledger's counters read as lists (a method
         # call per parameter would cost as much as the rest of the iteration)
-        refs, versions, rebinds, fresh, consumed = (
+        refs, versions, versions_unreliable, fresh, consumed = (
             self._grad_refs,
             self._grad_versions,
-            self._rebinds,
+            self._versions_unreliable,
             ledger.fresh,
             ledger.consumed,
         )
@@ -314,10 +316,10 @@ class Tracker:
             ref = refs[i]
             version = grad._version
             if ref is None or ref() is not grad:
-                if ref is not None and not self._same_grad(i, grad) and (fresh[i] or consumed[i]):
+                if ref is not None and (fresh[i] or consumed[i]) and not self._same_grad(i, grad):
                     cleared.append(i)  # .grad was set to None or replaced since we last saw it
                 refs[i] = weakref.ref(grad)
-            elif version == versions[i] and not rebinds:
+            elif version == versions[i] and not versions_unreliable:
                 continue  # same tensor, untouched: the hook fired for an undefined gradient
             versions[i] = version
             contributed.append(i)
@@ -680,7 +682,7 @@ class Tracker:
             self._grad_refs,
             self.ledger.fresh,
         )
-        rebinds = self._rebinds
+        versions_unreliable = self._versions_unreliable
         consumed: list[tuple[int, torch.Tensor]] = []
         changed: list[int] = []
         for i, p in params:
@@ -689,7 +691,7 @@ class Tracker:
                 continue
             if fresh[i]:
                 ref = refs[i]
-                if not rebinds and ref is not None and ref() is grad and grad._version != grad_versions[i]:
+                if not versions_unreliable and ref is not None and ref() is grad and grad._version != grad_versions[i]:
                     changed.append(len(consumed))
                 consumed.append((i, p))
             versions[i] = p._version
@@ -743,17 +745,23 @@ class Tracker:
         ledger = self.ledger
         cleared, supplied = [], []
         zeroed_consumed = []
+        # once per parameter per step: the counters read as lists, the tensor we last saw checked first
+        refs, versions, fresh, consumed = self._grad_refs, self._grad_versions, ledger.fresh, ledger.consumed
+        rebinds, versions_unreliable = self._rebinds, self._versions_unreliable
         for i, p in params:
             grad = p.grad
             if grad is None:
-                if ledger.holds_gradient(i):
+                if fresh[i] or consumed[i]:
                     cleared.append(i)
-            elif ledger.only_consumed(i) and self._changed_in_place(i):
-                zeroed_consumed.append((i, p))  # changed in place since its step, with no backward since
-            elif not self._same_grad(i, grad):
-                self._grad_refs[i] = weakref.ref(grad)
-                self._grad_versions[i] = grad._version
-                if not ledger.is_fresh(i):
+                continue
+            ref = refs[i]
+            if ref is not None and ref() is grad:
+                if consumed[i] and not fresh[i] and not versions_unreliable and grad._version != versions[i]:
+                    zeroed_consumed.append((i, p))  # changed in place since its step, with no backward since
+            elif not rebinds and grad.grad_fn is None:  # replaced by another tensor (see _same_grad)
+                refs[i] = weakref.ref(grad)
+                versions[i] = grad._version
+                if not fresh[i]:
                     (supplied if supply else cleared).append(i)
         out = self._clear(cleared, SET_TO_NONE) if cleared else []
         if zeroed_consumed:  # a rare path (the step consumes nothing fresh): read whether they were zeroed

@@ -203,12 +203,13 @@ def test_fsdp1_is_refused_rather_than_misreported():
 
 
 FSDP2_OPS = st.lists(
-    st.sampled_from(["backward", "step", "zero_none", "zero_keep", "model_zero", "none_bias"]), max_size=10
+    st.sampled_from(["backward", "step", "zero_none", "zero_keep", "model_zero", "none_bias", "clip"]), max_size=10
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=FSDP2_OPS, accumulation_steps=st.sampled_from([None, 2]))
+@example(ops=["backward", "backward", "step", "backward", "none_bias", "backward"], accumulation_steps=None)
 def test_a_sharded_model_gets_the_findings_of_the_same_model_unsharded(one_rank, ops, accumulation_steps):
     """On one rank, every backward pass reduce-scatters and FSDP2 is only a different path into .grad: whatever
     the loop does with backward, step and the clears, the findings must be those of the unsharded model."""
@@ -232,6 +233,8 @@ def test_a_sharded_model_gets_the_findings_of_the_same_model_unsharded(one_rank,
                     opt.zero_grad(set_to_none=op == "zero_none")
                 elif op == "model_zero":
                     model.zero_grad()
+                elif op == "clip":
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
                 else:
                     model[1].bias.grad = None
         assert w.stopped is None
