@@ -81,11 +81,11 @@ class Tracker:
         self._sinks = sinks if sinks else None
         self._telemetry = Telemetry(sinks) if sinks else None
         self._ddp = weakref.ref(ddp) if ddp is not None and count_syncs else None
-        # DDP rebinds .grad to views of its flat buckets (which share one version counter): under it, only None
-        # counts as a clear made by hand and every hook call as a contribution. FSDP2 keeps its .grad DTensor until a
-        # clear (a new tensor after one: identity still tells), but accumulates into its local shard, so the
-        # DTensor's own version never moves: every hook call is a contribution there too
-        self._rebinds = ddp is not None
+        # DDP with gradient_as_bucket_view rebinds .grad to views of its flat buckets (the same view again after a
+        # clear): there only None counts as a clear made by hand. DDP without it copies into .grad (two version bumps
+        # per pass) and FSDP2 accumulates into the local shard of its .grad DTensor (no bump): both keep the tensor
+        # until a clear, so identity tells a clear, but every hook call is a contribution
+        self._rebinds = ddp is not None and bool(getattr(ddp, "gradient_as_bucket_view", True))
         self._versions_unreliable = ddp is not None or sharded
         self._reduce_scatters = sharded and count_syncs  # FSDP2 over ranks: a pass that fires the hooks synced
         if self._reduce_scatters:

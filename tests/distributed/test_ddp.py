@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
+import gradwatch
 from gradwatch import load_trace
 from gradwatch.cli import main
 from gradwatch.ranks import load_rank_traces, rank_divergence
@@ -113,3 +116,30 @@ def test_one_rank_has_no_communication_to_waste(tmp_path, one_rank):
 
     w, _ = _loop(0, str(tmp_path), use_no_sync=False)
     assert w is not None and w.findings == []
+
+
+def _set_to_none_inside_each_window(wrap) -> list[tuple]:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(10, 1)
+    wrapped = wrap(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradwatch.watch(wrapped, opt, 2, on_finding="record", audit_losses=False) as w:
+        for i in range(8):
+            if i % 2:
+                model.weight.grad = None  # inside the window: drops the weight's first pass
+            wrapped(torch.randn(4, 10)).sum().backward()
+            if i % 2:
+                opt.step()
+                opt.zero_grad()
+    return [(f.kind, f.params, f.step, f.count) for f in w.findings]
+
+
+@pytest.mark.parametrize("bucket_view", [False, True])
+def test_a_grad_set_to_none_by_hand_inside_the_window_is_seen_unless_ddp_rebinds_it(one_rank, bucket_view):
+    """Without ``gradient_as_bucket_view`` DDP keeps the .grad tensor until a clear, so a new one after
+    ``p.grad = None`` tells the clear, and the findings are the unsharded model's; with it DDP hands back the same
+    bucket view after the clear, which cannot be told (README)."""
+    unsharded = _set_to_none_inside_each_window(lambda model: model)
+    under_ddp = _set_to_none_inside_each_window(lambda model: DDP(model, gradient_as_bucket_view=bucket_view))
+    assert unsharded == [("dangling-gradient", ("weight",), 1, 3)]  # the weight's partial windows dropped
+    assert under_ddp == ([] if bucket_view else unsharded)
