@@ -94,3 +94,27 @@ def gan_iteration(model, opt_g, opt_d, real, z, zero_generator=True):
     g_loss = bce(d(fake), torch.ones(6, 1))  # reaches the discriminator too: a by-product, cleared next time
     g_loss.backward()
     opt_g.step()
+
+
+LIFECYCLE_OPS = ("backward", "step", "zero_none", "zero_keep", "model_zero", "clip")  # and "none_<parameter name>"
+
+
+def run_lifecycle_ops(model, forward, optimizer, ops, inputs, labels) -> None:
+    """Run named gradient-lifecycle operations on ``model``, its passes through ``forward`` (a wrapper, or the
+    model itself): ``LIFECYCLE_OPS``, and ``none_<name>`` for ``<name>.grad = None`` by hand."""
+    params = dict(model.named_parameters())
+    for op in ops:
+        if op == "backward":
+            torch.nn.functional.mse_loss(forward(inputs), labels).backward()
+        elif op == "step":
+            optimizer.step()
+        elif op in ("zero_none", "zero_keep"):
+            optimizer.zero_grad(set_to_none=op == "zero_none")
+        elif op == "model_zero":
+            model.zero_grad()
+        elif op == "clip":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        elif op.startswith("none_"):
+            params[op[len("none_") :]].grad = None
+        else:
+            raise ValueError(f"unknown lifecycle op {op!r}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from helpers import watch
+from helpers import run_lifecycle_ops, watch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -129,19 +129,7 @@ def _run(ops, accumulation_steps):
     x, y = torch.randn(5, 3), torch.randn(5, 2)
     # the lifecycle rules alone (the loss weights have their own property test in test_loss_weights.py)
     with watch(model, opt, accumulation_steps=accumulation_steps, audit_losses=False) as w:
-        for op in ops:
-            if op == "backward":
-                torch.nn.functional.mse_loss(model(x), y).backward()
-            elif op == "step":
-                opt.step()
-            elif op == "zero_none":
-                opt.zero_grad(set_to_none=True)
-            elif op == "zero_keep":
-                opt.zero_grad(set_to_none=False)
-            elif op.startswith("none_"):
-                getattr(model, op[len("none_") :]).grad = None
-            elif op == "clip":
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        run_lifecycle_ops(model, model, opt, ops, x, y)
     return w
 
 

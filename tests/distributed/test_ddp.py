@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import LIFECYCLE_OPS, run_lifecycle_ops
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -147,9 +148,7 @@ def test_a_grad_set_to_none_by_hand_inside_the_window_is_seen_unless_ddp_rebinds
     assert under_ddp == ([] if bucket_view else unsharded)
 
 
-DDP_LOOP_OPS = st.lists(
-    st.sampled_from(["backward", "step", "zero_none", "zero_keep", "model_zero", "none_bias", "clip"]), max_size=10
-)
+DDP_LOOP_OPS = st.lists(st.sampled_from([*LIFECYCLE_OPS, "none_1.bias"]), max_size=10)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -165,19 +164,7 @@ def test_ddp_over_one_rank_gets_the_findings_of_the_model_alone(one_rank, ops, a
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         x, y = torch.randn(2, 10), torch.zeros(2, 1)
         with gradwatch.watch(wrapped, opt, accumulation_steps, on_finding="record", audit_losses=False) as w:
-            for op in ops:
-                if op == "backward":
-                    torch.nn.functional.mse_loss(wrapped(x), y).backward()
-                elif op == "step":
-                    opt.step()
-                elif op in ("zero_none", "zero_keep"):
-                    opt.zero_grad(set_to_none=op == "zero_none")
-                elif op == "model_zero":
-                    model.zero_grad()
-                elif op == "clip":
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-                else:
-                    model[1].bias.grad = None
+            run_lifecycle_ops(model, wrapped, opt, ops, x, y)
         assert w.stopped is None
         return [(f.kind, f.params, f.step, f.count) for f in w.findings]
 

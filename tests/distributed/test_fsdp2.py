@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import LIFECYCLE_OPS, run_lifecycle_ops
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -202,14 +203,12 @@ def test_fsdp1_is_refused_rather_than_misreported():
     assert "zero_grad" not in opt.__dict__
 
 
-FSDP2_OPS = st.lists(
-    st.sampled_from(["backward", "step", "zero_none", "zero_keep", "model_zero", "none_bias", "clip"]), max_size=10
-)
+FSDP2_OPS = st.lists(st.sampled_from([*LIFECYCLE_OPS, "none_1.bias"]), max_size=10)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=FSDP2_OPS, accumulation_steps=st.sampled_from([None, 2]))
-@example(ops=["backward", "backward", "step", "backward", "none_bias", "backward"], accumulation_steps=None)
+@example(ops=["backward", "backward", "step", "backward", "none_1.bias", "backward"], accumulation_steps=None)
 def test_a_sharded_model_gets_the_findings_of_the_same_model_unsharded(one_rank, ops, accumulation_steps):
     """On one rank, every backward pass reduce-scatters and FSDP2 is only a different path into .grad: whatever
     the loop does with backward, step and the clears, the findings must be those of the unsharded model."""
@@ -224,19 +223,7 @@ def test_a_sharded_model_gets_the_findings_of_the_same_model_unsharded(one_rank,
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         x, y = torch.randn(2, 10), torch.zeros(2, 1)
         with gradwatch.watch(model, opt, accumulation_steps, on_finding="record", audit_losses=False) as w:
-            for op in ops:
-                if op == "backward":
-                    torch.nn.functional.mse_loss(model(x), y).backward()
-                elif op == "step":
-                    opt.step()
-                elif op in ("zero_none", "zero_keep"):
-                    opt.zero_grad(set_to_none=op == "zero_none")
-                elif op == "model_zero":
-                    model.zero_grad()
-                elif op == "clip":
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
-                else:
-                    model[1].bias.grad = None
+            run_lifecycle_ops(model, model, opt, ops, x, y)
         assert w.stopped is None
         return [(f.kind, f.params, f.step, f.count) for f in w.findings]
 
