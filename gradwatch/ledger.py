@@ -633,7 +633,8 @@ class Ledger:
             detail |= {"how": "not-stepped", "opt": owner}
             out.append(Occurrence(k.DISCARDED, tuple(never), self.steps[owner], self.backwards, detail))
         dangling = [i for i in left if self.fresh_last[i] > self.newest_consumed_backward]
-        dangling += [i for i, n in enumerate(self.held) if n and i not in dangling]  # synced never again
+        listed = set(dangling)
+        dangling += [i for i, n in enumerate(self.held) if n and i not in listed]  # never synced again
         dangling += [i for i in by_others if self.steps[self.owners[i]] and not self._is_independent(self.owners[i])]
         if dangling:
             owner = self.owners[dangling[0]]
