@@ -118,3 +118,17 @@ def run_lifecycle_ops(model, forward, optimizer, ops, inputs, labels) -> None:
             params[op[len("none_") :]].grad = None
         else:
             raise ValueError(f"unknown lifecycle op {op!r}")
+
+
+def lifecycle_findings(ops, accumulation_steps, wrap: Callable = lambda model: model) -> list[tuple]:
+    """(kind, params, step, count) of each finding the named lifecycle ops get on a two-layer model, its passes
+    through ``wrap(model)`` (which may also shard it in place: the optimizer is built after it)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 4), torch.nn.Linear(4, 1))
+    wrapped = wrap(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    inputs, labels = torch.randn(2, 10), torch.zeros(2, 1)
+    with gradwatch.watch(wrapped, optimizer, accumulation_steps, on_finding="record", audit_losses=False) as w:
+        run_lifecycle_ops(model, wrapped, optimizer, ops, inputs, labels)
+    assert w.stopped is None
+    return [(f.kind, f.params, f.step, f.count) for f in w.findings]

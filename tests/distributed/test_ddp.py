@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import LIFECYCLE_OPS, run_lifecycle_ops
+from helpers import LIFECYCLE_OPS, lifecycle_findings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -157,15 +157,4 @@ def test_ddp_over_one_rank_gets_the_findings_of_the_model_alone(one_rank, ops, a
     """DDP (without bucket views, over one rank: no communication to waste) is only another path into .grad: any
     loop of backward, step, clears and clips gets the findings the model alone gets."""
 
-    def run(wrap) -> list[tuple]:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(10, 4), torch.nn.Linear(4, 1))
-        wrapped = wrap(model)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        x, y = torch.randn(2, 10), torch.zeros(2, 1)
-        with gradwatch.watch(wrapped, opt, accumulation_steps, on_finding="record", audit_losses=False) as w:
-            run_lifecycle_ops(model, wrapped, opt, ops, x, y)
-        assert w.stopped is None
-        return [(f.kind, f.params, f.step, f.count) for f in w.findings]
-
-    assert run(lambda model: DDP(model)) == run(lambda model: model)
+    assert lifecycle_findings(ops, accumulation_steps, DDP) == lifecycle_findings(ops, accumulation_steps)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import LIFECYCLE_OPS, run_lifecycle_ops
+from helpers import LIFECYCLE_OPS, lifecycle_findings
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -213,21 +213,12 @@ def test_a_sharded_model_gets_the_findings_of_the_same_model_unsharded(one_rank,
     """On one rank, every backward pass reduce-scatters and FSDP2 is only a different path into .grad: whatever
     the loop does with backward, step and the clears, the findings must be those of the unsharded model."""
 
-    def run(shard: bool) -> list[tuple[str, tuple[str, ...], int, int]]:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(10, 4), torch.nn.Linear(4, 1))
-        if shard:
-            for layer in model:
-                fsdp.fully_shard(layer)
-            fsdp.fully_shard(model)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        x, y = torch.randn(2, 10), torch.zeros(2, 1)
-        with gradwatch.watch(model, opt, accumulation_steps, on_finding="record", audit_losses=False) as w:
-            run_lifecycle_ops(model, model, opt, ops, x, y)
-        assert w.stopped is None
-        return [(f.kind, f.params, f.step, f.count) for f in w.findings]
+    def shard(model: torch.nn.Module) -> torch.nn.Module:
+        for layer in model:
+            fsdp.fully_shard(layer)
+        return fsdp.fully_shard(model)
 
-    assert run(shard=True) == run(shard=False)
+    assert lifecycle_findings(ops, accumulation_steps, shard) == lifecycle_findings(ops, accumulation_steps)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
