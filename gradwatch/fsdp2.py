@@ -106,8 +106,13 @@ def _post_backward(original: Callable[..., Any], watches: Watches) -> Callable[.
                 hooks.internal_error(error, "FSDP2 post_backward")
             return original(self, *args, **kwargs)
         result = original(self, *args, **kwargs)
-        for fsdp_param in fsdp_params:
-            _remember(fsdp_param)
+        try:
+            for fsdp_param in fsdp_params:
+                _remember(fsdp_param)
+        except Exception as error:  # as above: contained
+            for hooks in watches:
+                hooks.internal_error(error, "FSDP2 post_backward")
+            return result
         if reached:
             for hooks in watches:
                 hooks.held(reached)

@@ -141,13 +141,14 @@ def _sharded_model_and_optimizer() -> tuple[torch.nn.Module, torch.optim.Optimiz
     return model, torch.optim.SGD(model.parameters(), lr=0.01)
 
 
-def test_an_error_reading_fsdp_internals_stops_the_checks_and_spares_the_training(one_rank, monkeypatch):
+@pytest.mark.parametrize("where", ["_reached", "_remember"])
+def test_an_error_reading_fsdp_internals_stops_the_checks_and_spares_the_training(one_rank, monkeypatch, where):
     from gradwatch import fsdp2
 
     def broken(fsdp_param):
         raise AttributeError("FSDPParam changed")
 
-    monkeypatch.setattr(fsdp2, "_reached", broken)
+    monkeypatch.setattr(fsdp2, where, broken)
     model, opt = _sharded_model_and_optimizer()
     warned = pytest.warns(gradwatch.GradientWarning, match="internal error")
     with warned, gradwatch.watch(model, opt, 2, on_finding="record") as w:
