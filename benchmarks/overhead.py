@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -269,6 +270,115 @@ def peak_rss_mb(variant: str, steps: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def summarize(times: dict[str, list[float]]) -> dict[str, dict]:
+    """Per variant: medians over the rounds, the spread of the per-round ratios, and whether the variant stands
+    outside the floor's noise (its per-round ratios all above, or all below, the floor's)."""
+    bare = times["bare"]
+    floor_ratios = [t / b for t, b in zip(times.get("floor", []), bare, strict=False)]
+    rows: dict[str, dict] = {}
+    for v, ts in times.items():
+        ratios = [t / b for t, b in zip(ts, bare, strict=True)]
+        over = [(t - b) * 1e6 for t, b in zip(ts, bare, strict=True)]
+        rows[v] = {
+            "seconds_per_step": statistics.median(ts),
+            "ratio_to_bare": statistics.median(ratios),
+            "ratio_range": [min(ratios), max(ratios)],
+            "over_bare_us": statistics.median(over),
+            "over_bare_us_range": [min(over), max(over)],
+            "rounds": ts,
+        }
+        if len(floor_ratios) >= 3 and v not in ("bare", "floor"):  # fewer rounds have no spread to speak of
+            rows[v]["outside_floor_noise"] = min(ratios) > max(floor_ratios) or max(ratios) < min(floor_ratios)
+    if "floor" in rows:
+        floor_over = rows["floor"]["over_bare_us"]
+        for v, row in rows.items():
+            if v not in ("bare", "floor") and floor_over > 0:
+                row["floor_overhead_multiple"] = row["over_bare_us"] / floor_over
+    return rows
+
+
+@dataclass
+class Target:
+    target: str
+    workload: str
+    variant: str
+    measure: str  # "ratio" (x bare), "us" (per step over bare), "floor" (x the floor's overhead), "peer" (x the peer's)
+    limit: float
+    peer: str = ""
+
+
+TARGETS = [
+    Target("detection <= 1.3x the floor's overhead on many-params", "many-params", "detect", "floor", 1.3),
+    Target("detection <= 40 us per step on seed", "seed", "detect", "us", 40.0),
+    Target("detection <= 5 % on mlp", "mlp", "detect", "ratio", 1.05),
+    Target("detection <= 5 % on transformer", "transformer", "detect", "ratio", 1.05),
+    Target("TensorBoard <= 2x bare on seed", "seed", "tensorboard", "ratio", 2.0),
+    *[
+        Target(f"TensorBoard <= Lightning's grad_norm logging on {w}", w, "tensorboard", "peer", 1.0, "grad_norm-peer")
+        for w in ("seed", "mlp", "transformer", "many-params")
+    ],
+]
+RSS_LIMIT_MB = 20.0
+
+
+def _verdict(values: list[float], limit: float) -> str:
+    if max(values) <= limit:
+        return "met"
+    if min(values) > limit:
+        return "missed"
+    return "met?" if statistics.median(values) <= limit else "missed?"  # the rounds straddle the line
+
+
+def judge_targets(results: dict) -> list[dict]:
+    """Each target whose workload and variants were measured: met (every round), missed (no round), or met? /
+    missed? (the rounds straddle the limit; the median decides the sign). A variant within the floor's noise
+    meets an overhead target: its cost cannot be told from the cheapest possible instrumentation's."""
+    verdicts = []
+    for t in TARGETS:
+        rows = results["workloads"].get(t.workload, {})
+        row, bare = rows.get(t.variant), rows.get("bare")
+        if (
+            row is None
+            or bare is None
+            or (t.peer and t.peer not in rows)
+            or (t.measure == "floor" and "floor" not in rows)
+        ):
+            continue
+        within_floor = row.get("outside_floor_noise") is False
+        if t.measure == "ratio":
+            values, shown = [t_ / b for t_, b in zip(row["rounds"], bare["rounds"], strict=True)], "{:.3f}x bare"
+        elif t.measure == "us":
+            values, shown = [(t_ - b) * 1e6 for t_, b in zip(row["rounds"], bare["rounds"], strict=True)], "{:.0f} us"
+        elif t.measure == "floor":
+            floor = rows["floor"]["rounds"]
+            values = [
+                (t_ - b) / (f - b) for t_, b, f in zip(row["rounds"], bare["rounds"], floor, strict=True) if f > b
+            ] or [math.inf]
+            shown = "{:.2f}x the floor's overhead"
+        else:
+            peer = rows[t.peer]["rounds"]
+            values = [t_ / p for t_, p in zip(row["rounds"], peer, strict=True)]
+            shown = "{:.2f}x " + t.peer
+        verdict = "met" if within_floor and t.measure != "peer" else _verdict(values, t.limit)
+        spread = f"{shown.format(statistics.median(values))} (rounds {min(values):.3g} - {max(values):.3g})"
+        verdicts.append(
+            {"target": t.target, "verdict": verdict, "measured": spread + (", within floor's noise" * within_floor)}
+        )
+    rss = results.get("peak_rss_mb", {})
+    for v in ("detect", "tensorboard"):
+        if v in rss and "bare" in rss:
+            over = rss[v] - rss["bare"]
+            verdict = "met" if over <= RSS_LIMIT_MB else "missed"
+            verdicts.append(
+                {
+                    "target": f"peak RSS of {v} within {RSS_LIMIT_MB:.0f} MB of bare",
+                    "verdict": verdict,
+                    "measured": f"{over:+.1f} MB",
+                }
+            )
+    return verdicts
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=list(WORKLOADS))
@@ -304,19 +414,22 @@ def main(argv: list[str] | None = None) -> dict:
             order = variants[r % len(variants) :] + variants[: r % len(variants)]
             for v in order:
                 times[v].append(time_variant(workload, VARIANTS[v], steps))
-        rows = {}
-        for v in variants:
-            ratios = [t / b for t, b in zip(times[v], times["bare"], strict=True)]
-            rows[v] = {"seconds_per_step": statistics.median(times[v]), "ratio_to_bare": statistics.median(ratios)}
-        floor_over = rows.get("floor", {}).get("seconds_per_step", 0) - rows["bare"]["seconds_per_step"]
+        rows = summarize(times)
         results["workloads"][name] = rows
         print(f"\n{name} (accumulation {workload.accumulation}, {rounds} rounds x {steps} steps)")
-        print(f"  {'variant':<20} {'s/step':>12} {'x bare':>8} {'us/step over bare':>18} {'x floor overhead':>17}")
+        print(
+            f"  {'variant':<20} {'s/step':>10} {'x bare':>7} {'(min - max)':>15} {'us/step over bare':>18}"
+            f" {'x floor overhead':>17}  vs floor's noise"
+        )
         for v, row in rows.items():
-            over = row["seconds_per_step"] - rows["bare"]["seconds_per_step"]
-            vs_floor = f"{over / floor_over:17.2f}" if v not in ("bare", "floor") and floor_over > 0 else " " * 17
+            low, high = row["ratio_range"]
+            multiple = row.get("floor_overhead_multiple")
+            vs_floor = f"{multiple:17.2f}" if multiple is not None else " " * 17
+            noise = {True: "outside", False: "within"}.get(row.get("outside_floor_noise"), "")
+            spread = f"({low:.3f} - {high:.3f})"
             print(
-                f"  {v:<20} {row['seconds_per_step']:12.6f} {row['ratio_to_bare']:8.3f} {over * 1e6:18.1f} {vs_floor}"
+                f"  {v:<20} {row['seconds_per_step']:10.6f} {row['ratio_to_bare']:7.3f} {spread:>15}"
+                f" {row['over_bare_us']:18.1f} {vs_floor}  {noise}"
             )
     if memory_steps:
         results["peak_rss_mb"] = {}
@@ -324,6 +437,12 @@ def main(argv: list[str] | None = None) -> dict:
         for v in variants:
             results["peak_rss_mb"][v] = rss = peak_rss_mb(v, memory_steps)
             print(f"  {v:<20} {rss:8.1f} MB  ({rss - results['peak_rss_mb']['bare']:+.1f} MB vs bare)")
+    verdicts = judge_targets(results)
+    if verdicts:
+        print("\ntargets (issue 11): met only where every round meets it; the spread is the rounds' min - max")
+        for verdict in verdicts:
+            print(f"  {verdict['verdict']:<8} {verdict['target']}: {verdict['measured']}")
+    results["targets"] = verdicts
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
