@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
 from helpers import gan, gan_iteration, mse, reference_data, reference_loop, reference_model, watch
+from hypothesis import given
+from hypothesis import strategies as st
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import gradwatch
+from gradwatch.sinks.tensorboard import Polyline
 
 ACC = 2
 
@@ -22,6 +26,16 @@ def _events(logdir) -> EventAccumulator:
 
 def _scalars(acc, tag):
     return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def _chart(points, steps):
+    """The value TensorBoard's line through ``points`` shows at each of ``steps`` (linear between points)."""
+    values = []
+    for x in steps:
+        right = next(k for k, (px, _) in enumerate(points) if px >= x)
+        (x1, y1), (x0, y0) = points[right], points[max(right - 1, 0)]
+        values.append(y1 if x1 == x else y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+    return values
 
 
 def _text(acc, tag):
@@ -44,7 +58,9 @@ def test_reference_loop_streams_lifecycle_and_gradient_norms(tmp_path):
     tags = set(acc.Tags()["scalars"])
     assert {"lifecycle/backward_passes_per_step", "lifecycle/params_per_backward", "lifecycle/clears"} <= tags
     assert _scalars(acc, "lifecycle/backward_passes_per_step") == [(s, 2.0) for s in range(4)]
-    assert _scalars(acc, "lifecycle/params_per_backward") == [(b, 2.0) for b in range(8)]
+    assert _chart(_scalars(acc, "lifecycle/params_per_backward"), range(8)) == [2.0] * 8
+    assert _scalars(acc, "lifecycle/params_per_backward") == [(0, 2.0), (7, 2.0)]  # a flat line: its two ends
+    assert _chart(_scalars(acc, "lifecycle/clears"), [0, 2, 4, 6, 8]) == [1.0, 2.0, 3.0, 4.0, 5.0]
     for name in ("weight", "bias"):
         logged = _scalars(acc, f"grad_norm/{name}")
         assert [s for s, _ in logged] == [0, 1, 2, 3]
@@ -208,3 +224,38 @@ def test_group_choice():
     assert len(set(ranges)) == 25 and ranges[0] == ranges[7] == "blocks.0..blocks.3"
     assert choose_groups(names, "layer")[-1] == "blocks.99"
     assert choose_groups(names[:80], "param") == names[:80]
+
+
+@given(
+    st.lists(st.tuples(st.integers(1, 3), st.integers(0, 4)), min_size=1, max_size=80),
+    st.integers(1, 8),
+)
+def test_a_polyline_leaves_out_only_points_on_the_charts_line(series, refresh):
+    steps = [sum(gap for gap, _ in series[: k + 1]) for k in range(len(series))]
+    values = [float(v) for _, v in series]
+    line = Polyline(refresh)
+    written = [point for step, v in zip(steps, values, strict=True) for point in line.add(step, v)] + line.end()
+    assert written[0] == (steps[0], values[0]) and written[-1] == (steps[-1], values[-1])
+    assert set(written) <= set(zip(steps, values, strict=True))
+    assert _chart(written, steps) == pytest.approx(values)
+    positions = [steps.index(step) for step, _ in written]
+    assert all(b - a - 1 <= refresh for a, b in itertools.pairwise(positions))  # the live chart keeps moving
+
+
+def test_parameters_per_backward_pass_follow_a_loop_that_reaches_part_of_the_model(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    reached = []
+    with watch(model, opt, logdir=tmp_path) as w:
+        for k in range(30):
+            x = torch.randn(2, 4)
+            partial = k % 7 in (3, 4)  # some passes only reach the first layer
+            (model[0](x).sum() if partial else model(x).sum()).backward()
+            reached.append(2.0 if partial else 4.0)
+            opt.step()
+            opt.zero_grad()
+    assert w.findings == []
+    points = _scalars(_events(tmp_path), "lifecycle/params_per_backward")
+    assert _chart(points, range(30)) == reached
+    assert len(points) < 30

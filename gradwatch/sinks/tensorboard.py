@@ -19,6 +19,7 @@ MAX_HELD_STEPS = 64  # step values whose scalars wait for the end of an optimize
 PER_PARAM_LIMIT = 32  # above this many parameters, gradient norms are logged per layer
 PER_LAYER_LIMIT = 64  # above this many layers, per contiguous range of layers
 RANGES = 32
+LINE_REFRESH = 100  # a lifecycle line on the backward-pass axis gets a point at least every this many passes
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,48 @@ class TensorBoardOptions:
                 raise ValueError(f"{name} must be an int >= 0 (0 turns it off), got {value!r}")
 
 
+class Polyline:
+    """One scalar on the backward-pass axis, written only where its line bends.
+
+    TensorBoard draws straight lines between the points it has, so a point on the line through its neighbours
+    adds nothing to the chart: a constant (parameters per pass) or steadily growing series (clears so far) is
+    written as its first point, every ``refresh``-th point (the live chart moves on) and its last one. Each
+    point it leaves out lies exactly on the chart's line.
+    """
+
+    __slots__ = ("_anchor", "_held", "_merged", "_refresh")
+
+    def __init__(self, refresh: int = LINE_REFRESH) -> None:
+        self._anchor: tuple[int, float] | None = None  # the last point written
+        self._held: tuple[int, float] | None = None  # the latest point, not written yet
+        self._merged = 0  # points left out since the anchor
+        self._refresh = refresh
+
+    def add(self, step: int, value: float) -> list[tuple[int, float]]:
+        """The points to write now that ``value`` is the series' value at ``step`` (steps increase)."""
+        point, anchor, held = (step, value), self._anchor, self._held
+        if anchor is None:
+            self._anchor = point
+            return [point]
+        if held is None:
+            self._held = point
+            return []
+        (x0, y0), (x1, y1) = anchor, held
+        if (y1 - y0) * (step - x1) == (value - y1) * (x1 - x0) and self._merged < self._refresh:
+            self._held, self._merged = point, self._merged + 1
+            return []
+        self._anchor, self._held, self._merged = held, point, 0
+        return [held]
+
+    def end(self) -> list[tuple[int, float]]:
+        """The last point, if it is not written yet."""
+        held, self._held = self._held, None
+        if held is None:
+            return []
+        self._anchor, self._merged = held, 0
+        return [held]
+
+
 def layer_of(name: str) -> str:
     """The module a parameter belongs to: 'encoder.0.weight' -> 'encoder.0'."""
     return name.rsplit(".", 1)[0] if "." in name else name
@@ -72,6 +115,7 @@ class TensorBoardSink(Sink):
         self._clears = 0
         self._findings: list[Finding] = []
         self._scalars: dict[int, list[Any]] = {}  # scalars by their step, written as one event per step value
+        self._lines: dict[str, Polyline] = {}  # the lifecycle series on the backward-pass axis
 
     def started(self, info: RunInfo) -> None:
         self._names = list(info.params)
@@ -110,9 +154,9 @@ class TensorBoardSink(Sink):
             self._timeline.append(event)
 
     def backward(self, backward: int, params: Sequence[int], synced: bool | None) -> None:
-        self._scalar("lifecycle/params_per_backward", len(params), backward)
+        self._line("lifecycle/params_per_backward", len(params), backward)
         if synced is not None:
-            self._scalar("lifecycle/allreduce", float(synced), backward)
+            self._line("lifecycle/allreduce", float(synced), backward)
         self._remember({"event": "backward", "backward": backward})
 
     def contributions(self, backward: int, params: Sequence[int], norms: Sequence[float]) -> None:
@@ -170,7 +214,7 @@ class TensorBoardSink(Sink):
 
     def cleared(self, backward: int, source: str, params: int, discarded: int) -> None:
         self._clears += 1
-        self._scalar("lifecycle/clears", self._clears, backward)
+        self._line("lifecycle/clears", self._clears, backward)
         self._remember({"event": "clear", "backward": backward, "source": source})
 
     def finding(self, finding: Finding) -> None:
@@ -178,6 +222,7 @@ class TensorBoardSink(Sink):
         self._remember({"event": "finding", "kind": finding.kind, "step": finding.step, "backward": finding.backward})
         self._scalar("lifecycle/findings", len(self._findings), finding.step)
         self._writer.add_text("gradwatch/findings", findings_table(self._findings), finding.step)
+        self._end_lines()  # the charts up to date where the finding shows
         self._write_scalars()
         self._writer.flush()
 
@@ -188,6 +233,18 @@ class TensorBoardSink(Sink):
         if len(self._scalars) > MAX_HELD_STEPS:  # backward passes and no step: do not hold them for ever
             self._write_scalars()
 
+    def _line(self, tag: str, value: float, backward: int) -> None:
+        line = self._lines.get(tag)
+        if line is None:
+            line = self._lines[tag] = Polyline()
+        for step, point in line.add(backward, float(value)):
+            self._scalar(tag, point, step)
+
+    def _end_lines(self) -> None:
+        for tag, line in self._lines.items():
+            for step, value in line.end():
+                self._scalar(tag, value, step)
+
     def _write_scalars(self) -> None:
         pending, self._scalars = self._scalars, {}
         if not pending:
@@ -197,6 +254,7 @@ class TensorBoardSink(Sink):
             file_writer.add_summary(Summary(value=values), step)
 
     def finished(self, findings: Sequence[Finding], backwards: int, steps: Sequence[int]) -> None:
+        self._end_lines()
         self._write_scalars()
         last_step = max(steps, default=0)
         self._writer.add_text("gradwatch/findings", findings_table(findings), last_step)
@@ -209,6 +267,7 @@ class TensorBoardSink(Sink):
 
     def abandon(self) -> None:
         try:
+            self._end_lines()
             self._write_scalars()
         finally:
             self._writer.close()
