@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from unittest.mock import patch
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gradwatch import stats
 from gradwatch.stats import FiniteChecks, HostBatch, nonfinite_and_zero, nonfinite_positions, read_flags, zero_flags
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -75,3 +77,32 @@ def test_a_sparse_gradient_among_dense_ones_is_skipped_and_the_dense_ones_still_
     sparse = torch.sparse_coo_tensor([[0]], [float("nan")], (3,))  # no norm kernel: not checked (README)
     tensors = [torch.tensor([1.0, float("inf")]), sparse, torch.ones(2, dtype=torch.float64), torch.ones(2)]
     assert nonfinite_positions(tensors) == [0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(KINDS), st.sampled_from(DTYPES[:2]), st.sampled_from([(4,), (2, 3), (6,), (40,)])),
+        min_size=20,
+        max_size=60,
+    ),
+    st.sampled_from([1, 8, 24, 40, 1000]),
+)
+def test_stacked_checks_of_many_small_tensors_name_the_same_positions(specs, stack_limit):
+    """Many CPU tensors of a few shapes: stacked per shape, in chunks, beside tensors too large to stack."""
+    tensors = [_tensor(kind, dtype, math.prod(shape)).reshape(shape) for kind, dtype, shape in specs]
+    bad = [pos for pos, t in enumerate(tensors) if not torch.isfinite(t).all()]
+    with (
+        patch.object(stats, "FEW_ON_CPU", 2),
+        patch.object(stats, "SMALL_ON_CPU", 10),  # (40,) is "large"
+        patch.object(stats, "STACK_LIMIT", stack_limit),
+    ):
+        assert nonfinite_positions(tensors) == bad
+    assert nonfinite_positions(tensors) == bad
+
+
+def test_an_overflowing_stack_of_finite_tensors_is_not_a_nan():
+    big = [torch.full((8,), 1e19) for _ in range(40)]  # each norm finite, their stack's overflows float32
+    assert math.isinf(torch.linalg.vector_norm(torch.stack(big)).item())
+    assert nonfinite_positions(big) == []
+    assert nonfinite_positions([*big, torch.tensor([1.0] * 7 + [math.nan])]) == [40]
