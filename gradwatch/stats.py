@@ -30,8 +30,55 @@ def _groups(tensors: Sequence[torch.Tensor]) -> dict[tuple[torch.device, torch.d
 
 
 def norms_by_group(tensors: Sequence[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
-    """(positions, stacked 2-norms) per device/dtype group: one ``_foreach_norm`` per group, no sync."""
-    return [(positions, torch.stack(norms)) for positions, norms in _foreach_norms(tensors)]
+    """(positions, their 2-norms as a 1-d tensor) covering the dense tensors, no sync.
+
+    One ``_foreach_norm`` per device/dtype group, except on the CPU, where a kernel per tensor costs about a
+    microsecond of dispatch: there the small tensors of one shape are stacked and normed row by row in one kernel
+    (1000 tensors: a third of the time).
+    """
+    tensors = local_tensors(tensors)
+    grad_enabled = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(False)  # torch.no_grad() without its Python objects: this runs every step
+    try:
+        if _GROUP_BY_DEVICE_AND_DTYPE is not None and tensors:
+            try:  # grouped in C++: a third of the Python loop's time over 1000 tensors
+                grouped = _GROUP_BY_DEVICE_AND_DTYPE([tensors], True).values()
+                ordered = sorted((positions, lists[0]) for lists, positions in grouped)
+                return [entry for positions, group in ordered for entry in _group_norms(list(positions), group)]
+            except (RuntimeError, TypeError):  # a sparse gradient has no norm kernel: the Python grouping skips it
+                pass
+        groups = _groups(tensors).values()
+        return [entry for pos in groups for entry in _group_norms(pos, [tensors[p] for p in pos])]
+    finally:
+        torch._C._set_grad_enabled(grad_enabled)
+
+
+SMALL_ON_CPU = 1 << 16  # elements: below this, dispatching a kernel per CPU tensor costs more than copying it
+STACK_LIMIT = 1 << 22  # elements copied into one stack at most
+FEW_ON_CPU = 16  # up to this many CPU tensors of a group get a kernel each
+
+
+def _group_norms(positions: list[int], group: list[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
+    if len(group) <= FEW_ON_CPU or group[0].device.type != "cpu":
+        return [(positions, torch.stack(torch._foreach_norm(group)))]
+    by_shape: dict[torch.Size, list[int]] = {}
+    for at, t in enumerate(group):
+        by_shape.setdefault(t.shape, []).append(at)
+    out: list[tuple[list[int], torch.Tensor]] = []
+    rest: list[int] = []
+    for shape, ats in by_shape.items():
+        numel = math.prod(shape)
+        if len(ats) == 1 or numel > SMALL_ON_CPU:
+            rest.extend(ats)
+            continue
+        per = max(2, STACK_LIMIT // max(1, numel))
+        for start in range(0, len(ats), per):
+            chunk = ats[start : start + per]
+            rows = torch.stack([group[at] for at in chunk]).reshape(len(chunk), -1)
+            out.append(([positions[at] for at in chunk], torch.linalg.vector_norm(rows, dim=1)))
+    if rest:
+        out.append(([positions[at] for at in rest], torch.stack(torch._foreach_norm([group[at] for at in rest]))))
+    return out
 
 
 @dataclass
@@ -81,14 +128,15 @@ def _to_host(flags: list[torch.Tensor]) -> list[bool]:
 
 
 def nonfinite_positions(tensors: Sequence[torch.Tensor]) -> list[int]:
-    """Positions of the tensors holding NaN or Inf: one batched pass, one read (more only if some are bad)."""
-    suspects = [
+    """Positions of the tensors holding NaN or Inf: one batched pass, one read per device/dtype group (one transfer
+    of its norms; more only if some are bad)."""
+    bad = [
         p
-        for positions, ats, norm in _finite_blocks(tensors)
-        if not math.isfinite(norm.item())
-        for p in (positions if ats is None else [positions[at] for at in ats])
+        for positions, norms in norms_by_group(tensors)
+        for p, n in zip(positions, norms.tolist(), strict=True)
+        if not math.isfinite(n)
     ]
-    return confirm_nonfinite(tensors, sorted(suspects)) if suspects else []
+    return confirm_nonfinite(tensors, sorted(bad)) if bad else []
 
 
 def confirm_nonfinite(tensors: Sequence[torch.Tensor | None], suspects: Sequence[int]) -> list[int]:
@@ -110,88 +158,12 @@ def nonfinite_and_zero(tensors: Sequence[torch.Tensor], candidates: Sequence[int
     if not candidates:
         return bad, []
     values: dict[int, float] = {}
-    for positions, norms in _foreach_norms([tensors[p] for p in candidates]):
-        values.update((candidates[at], v) for at, v in zip(positions, _values(norms), strict=True))
+    for positions, norms in norms_by_group([tensors[p] for p in candidates]):
+        values.update((candidates[at], v) for at, v in zip(positions, norms.tolist(), strict=True))
     return bad, [p for p in candidates if values.get(p) == 0.0]
 
 
-SMALL_ON_CPU = 1 << 16  # elements: below this, dispatching a kernel per CPU tensor costs more than copying it
-STACK_LIMIT = 1 << 22  # elements copied into one stack at most
-FEW_ON_CPU = 16  # up to this many CPU norms are read one by one
-
-
-Block = tuple[Sequence[int], Sequence[int] | None, torch.Tensor]  # positions, which of them (None: all), a norm
-
-
-def _finite_blocks(tensors: Sequence[torch.Tensor]) -> list[Block]:
-    """Blocks covering the dense tensors: (positions of a group in ``tensors``, which of them, a 0-d tensor that is
-    finite when every tensor there is).
-
-    On the CPU, where a kernel per tensor costs about a microsecond of dispatch, the small tensors of one shape are
-    stacked and normed at once (1000 tensors: a third of the time of ``_foreach_norm``); on a GPU, the norms of a
-    device/dtype group come from one ``_foreach_norm`` and are summed. A norm of finite values can overflow: the
-    caller confirms on the values.
-    """
-    tensors = local_tensors(tensors)
-    grad_enabled = torch.is_grad_enabled()
-    torch._C._set_grad_enabled(False)  # torch.no_grad() without its Python objects: this runs every step
-    try:
-        if _GROUP_BY_DEVICE_AND_DTYPE is not None and tensors:
-            try:
-                grouped = _GROUP_BY_DEVICE_AND_DTYPE([tensors], True).values()
-                return [block for lists, positions in grouped for block in _group_blocks(positions, lists[0])]
-            except (RuntimeError, TypeError):  # a sparse gradient has no norm kernel: the Python grouping skips it
-                pass
-        groups = _groups(tensors).values()
-        return [block for pos in groups for block in _group_blocks(pos, [tensors[p] for p in pos])]
-    finally:
-        torch._C._set_grad_enabled(grad_enabled)
-
-
-def _group_blocks(positions: Sequence[int], group: list[torch.Tensor]) -> list[Block]:
-    """The blocks of one device/dtype group (``positions``: where its tensors are in the caller's list)."""
-    if group[0].device.type != "cpu":
-        return [(positions, None, torch.stack(torch._foreach_norm(group)).sum())]
-    if len(group) <= FEW_ON_CPU:  # reading a few CPU scalars beats stacking them
-        return [(positions, (at,), norm) for at, norm in enumerate(torch._foreach_norm(group))]
-    by_shape: dict[torch.Size, list[int]] = {}
-    for at, t in enumerate(group):
-        by_shape.setdefault(t.shape, []).append(at)
-    blocks: list[Block] = []
-    rest: list[int] = []
-    for shape, ats in by_shape.items():
-        numel = math.prod(shape)
-        if len(ats) == 1 or numel > SMALL_ON_CPU:
-            rest.extend(ats)
-            continue
-        per = max(2, STACK_LIMIT // max(1, numel))
-        for start in range(0, len(ats), per):
-            chunk = ats[start : start + per]
-            blocks.append((positions, chunk, torch.linalg.vector_norm(torch.stack([group[at] for at in chunk]))))
-    if rest:
-        norms = torch._foreach_norm([group[at] for at in rest])
-        blocks.append((positions, rest, norms[0] if len(norms) == 1 else torch.stack(norms).sum()))
-    return blocks
-
-
 _GROUP_BY_DEVICE_AND_DTYPE = getattr(torch._C, "_group_tensors_by_device_and_dtype", None)  # what optimizers use
-
-
-def _foreach_norms(tensors: Sequence[torch.Tensor]) -> list[tuple[list[int], list[torch.Tensor]]]:
-    """(positions, unstacked 0-d norms) per device/dtype group of the dense tensors."""
-    tensors = local_tensors(tensors)
-    with torch.no_grad():
-        if _GROUP_BY_DEVICE_AND_DTYPE is not None and tensors:
-            try:  # grouped in C++: a third of the Python loop's time over 1000 tensors
-                grouped = sorted(_GROUP_BY_DEVICE_AND_DTYPE([tensors], True).values(), key=lambda g: g[1][0])
-                return [(list(positions), torch._foreach_norm(lists[0])) for lists, positions in grouped]
-            except (RuntimeError, TypeError):  # a sparse gradient has no norm kernel: the Python grouping skips it
-                pass
-        return [(pos, torch._foreach_norm([tensors[p] for p in pos])) for pos in _groups(tensors).values()]
-
-
-def _values(norms: list[torch.Tensor]) -> list[float]:
-    return torch.stack(norms).float().tolist()
 
 
 class HostBatch:
