@@ -651,8 +651,9 @@ class Tracker:
     def _cleared(self, indices: list[int], source: str) -> None:
         if self.stopped:
             return
-        for i in indices:
-            self._zeroed.pop(i, None)
+        if self._zeroed:
+            for i in indices:
+                self._zeroed.pop(i, None)
         self._outbox.findings(self._clear(indices, source))
 
     def _clear(
