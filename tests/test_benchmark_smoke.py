@@ -31,7 +31,7 @@ def test_benchmark_runs_one_quick_round(tmp_path):
         assert all(row["seconds_per_step"] > 0 for row in rows.values())
     assert set(results["peak_rss_mb"]) >= {"bare", "detect", "tensorboard"}
     assert "x floor overhead" in result.stdout
-    assert {t["verdict"] for t in results["targets"]} <= {"met", "missed", "met?", "missed?"}
+    assert {t["verdict"] for t in results["targets"]} <= {"met", "missed", "met?", "missed?", "noise"}
 
 
 def _overhead_module():
@@ -50,12 +50,16 @@ def _judge(overhead, seconds: dict[str, list[float]]) -> dict[str, str]:
 FLOOR_TARGET = "detection <= 1.3x the floor's overhead on many-params"
 
 
-def test_a_variant_within_the_floors_noise_meets_an_overhead_target():
+def test_a_variant_within_the_floors_noise_is_judged_only_when_every_round_meets_the_target():
     overhead = _overhead_module()
     rows = overhead.summarize({"bare": [1.0, 1.0, 1.0], "floor": [1.02, 1.06, 1.01], "detect": [1.05, 1.03, 1.04]})
     assert rows["detect"]["outside_floor_noise"] is False
     assert rows["detect"]["ratio_range"] == pytest.approx([1.03, 1.05])
+    # 2.5x, 0.5x and 4x the floor's overhead, all inside the floor's own spread: this run cannot tell
     assert _judge(overhead, {"bare": [1.0] * 3, "floor": [1.02, 1.06, 1.01], "detect": [1.05, 1.03, 1.04]}) == {
+        FLOOR_TARGET: "noise"
+    }
+    assert _judge(overhead, {"bare": [1.0] * 3, "floor": [1.02, 1.06, 1.04], "detect": [1.02, 1.05, 1.03]}) == {
         FLOOR_TARGET: "met"
     }
 
