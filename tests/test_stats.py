@@ -82,15 +82,23 @@ def test_a_sparse_gradient_among_dense_ones_is_skipped_and_the_dense_ones_still_
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(
-        st.tuples(st.sampled_from(KINDS), st.sampled_from(DTYPES[:2]), st.sampled_from([(4,), (2, 3), (6,), (40,)])),
+        st.tuples(
+            st.sampled_from(KINDS),
+            st.sampled_from(DTYPES[:2]),
+            st.sampled_from([(4,), (2, 3), (6,), (40,), (0,), (2, 0)]),
+        ),
         min_size=20,
         max_size=60,
     ),
     st.sampled_from([1, 8, 24, 40, 1000]),
 )
 def test_stacked_checks_of_many_small_tensors_name_the_same_positions(specs, stack_limit):
-    """Many CPU tensors of a few shapes: stacked per shape, in chunks, beside tensors too large to stack."""
-    tensors = [_tensor(kind, dtype, math.prod(shape)).reshape(shape) for kind, dtype, shape in specs]
+    """Many CPU tensors of a few shapes (empty ones too): stacked per shape, in chunks, beside tensors too large to
+    stack."""
+    tensors = [
+        _tensor(kind, dtype, math.prod(shape)).reshape(shape) if math.prod(shape) else torch.zeros(shape, dtype=dtype)
+        for kind, dtype, shape in specs
+    ]
     bad = [pos for pos, t in enumerate(tensors) if not torch.isfinite(t).all()]
     with (
         patch.object(stats, "FEW_ON_CPU", 2),
@@ -106,3 +114,14 @@ def test_an_overflowing_stack_of_finite_tensors_is_not_a_nan():
     assert math.isinf(torch.linalg.vector_norm(torch.stack(big)).item())
     assert nonfinite_positions(big) == []
     assert nonfinite_positions([*big, torch.tensor([1.0] * 7 + [math.nan])]) == [40]
+
+
+def test_host_batch_norms_of_many_small_tensors_are_each_tensors_norm():
+    """The sinks' per-parameter norms through the stacked CPU path (more tensors of one shape than FEW_ON_CPU)."""
+    torch.manual_seed(0)
+    tensors = [torch.randn(3, 2) if k % 3 else torch.randn(5) for k in range(40)] + [None, torch.randn(70000)]
+    batch = HostBatch()
+    norms = batch.norms(tensors)
+    batch.read()
+    expected = [0.0 if t is None else torch.linalg.vector_norm(t).item() for t in tensors]
+    assert norms() == pytest.approx(expected, rel=1e-6)
