@@ -77,3 +77,17 @@ def test_the_verdict_says_whether_every_round_meets_the_target(detect, verdict):
     overhead = _overhead_module()
     seconds = {"bare": [1.0] * 3, "floor": [1.1] * 3, "detect": detect}
     assert _judge(overhead, seconds) == {FLOOR_TARGET: verdict}
+
+
+def test_a_comparison_with_a_peer_stands_round_by_round_even_inside_the_floors_noise():
+    overhead = _overhead_module()
+    seconds = {
+        "bare": [1.0] * 3,
+        "floor": [0.9, 1.3, 1.0],
+        "tensorboard": [1.2, 1.25, 1.1],  # inside the floor's spread
+        "grad_norm-peer": [1.1, 1.2, 1.05],  # below it in every round
+    }
+    verdicts = {
+        t["target"]: t["verdict"] for t in overhead.judge_targets({"workloads": {"mlp": overhead.summarize(seconds)}})
+    }
+    assert verdicts == {"TensorBoard <= Lightning's grad_norm logging on mlp": "missed"}
