@@ -574,9 +574,10 @@ class Ledger:
         if dropped is not None:
             occurrence, passes = dropped
             whole = expected is None or passes >= expected
+            own = max(self.fresh[i] for i in occurrence.params)  # what the dropped parameters hold now
             if window == 0:
                 out.append(occurrence)  # cleared between backward() and step()
-            elif not whole and window != expected:
+            elif not whole and (window != expected or own != expected):
                 out.append(occurrence)  # cleared inside this window: the step consumed what was left of it
             elif not whole and occurrence.step > 0:  # a full window followed: an epoch's partial last one dropped
                 out.append(_wasted(occurrence))

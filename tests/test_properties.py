@@ -85,7 +85,8 @@ class ReferenceRules:
                 passes, step, backward, names = self.dropped
                 self.dropped = None
                 whole = expected is None or passes >= expected
-                if window == 0 or (not whole and window != expected):  # between backward and step, or inside
+                own = max(self.fresh[n] for n in names)  # what the dropped parameters hold at this step
+                if window == 0 or (not whole and (window != expected or own != expected)):  # between, or inside
                     self._found("discarded-gradient", names, step, backward)
                 elif not whole and step > 0:  # a full window followed: a partial one was dropped (wasted)
                     self._found("dangling-gradient", names, step, backward)

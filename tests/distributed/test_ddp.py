@@ -144,7 +144,7 @@ def test_a_grad_set_to_none_by_hand_inside_the_window_is_seen_unless_ddp_rebinds
     bucket view after the clear, which cannot be told (README)."""
     unsharded = _set_to_none_inside_each_window(lambda model: model)
     under_ddp = _set_to_none_inside_each_window(lambda model: DDP(model, gradient_as_bucket_view=bucket_view))
-    assert unsharded == [("dangling-gradient", ("weight",), 1, 3)]  # the weight's partial windows dropped
+    assert unsharded == [("discarded-gradient", ("weight",), 0, 4)]  # each window loses the weight's first pass
     assert under_ddp == ([] if bucket_view else unsharded)
 
 

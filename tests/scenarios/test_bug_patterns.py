@@ -402,6 +402,26 @@ def test_a_clear_by_hand_inside_the_window_is_seen(by_hand):
     assert "zeroed in place by hand" in f.message
 
 
+@pytest.mark.parametrize("name", ["weight", "bias"])
+def test_one_parameter_set_to_none_inside_each_window_is_a_discard_of_that_parameter(name):
+    """The window's other parameters are full, so this is not an epoch's partial window dropped: the parameter
+    loses the first pass of every window (judged on what the dropped parameters hold at the step, not the
+    others). (The same clear made in place with ``.zero_()`` on one parameter is a documented limit.)"""
+    model, opt = reference_model()
+    with watch(model, opt, accumulation_steps=ACC) as w:
+        opt.zero_grad()
+        for i, (x, y) in enumerate(reference_data()):
+            mse(model, x, y, ACC).backward()
+            if i % ACC == 0:
+                getattr(model, name).grad = None
+            if (i + 1) % ACC == 0:
+                opt.step()
+                opt.zero_grad()
+    f = the(w, "discarded-gradient")
+    assert kinds(w) == {"discarded-gradient"}
+    assert (f.severity, f.params, f.step, f.backward, f.count) == ("error", (name,), 0, 1, 4)
+
+
 def test_a_step_without_backward_after_a_clear_by_hand_is_an_empty_step():
     model, opt = reference_model()
     x, y = reference_data(1)[0]
