@@ -29,6 +29,9 @@ def _groups(tensors: Sequence[torch.Tensor]) -> dict[tuple[torch.device, torch.d
     return groups
 
 
+_GROUP_BY_DEVICE_AND_DTYPE = getattr(torch._C, "_group_tensors_by_device_and_dtype", None)  # what optimizers use
+
+
 def norms_by_group(tensors: Sequence[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
     """(positions, their 2-norms as a 1-d tensor) covering the dense tensors, no sync.
 
@@ -59,6 +62,7 @@ FEW_ON_CPU = 16  # up to this many CPU tensors of a group get a kernel each
 
 
 def _group_norms(positions: list[int], group: list[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
+    """The norms of one device/dtype group (``positions``: where its tensors are in the caller's list)."""
     if len(group) <= FEW_ON_CPU or group[0].device.type != "cpu":
         return [(positions, torch.stack(torch._foreach_norm(group)))]
     by_shape: dict[torch.Size, list[int]] = {}
@@ -161,9 +165,6 @@ def nonfinite_and_zero(tensors: Sequence[torch.Tensor], candidates: Sequence[int
     for positions, norms in norms_by_group([tensors[p] for p in candidates]):
         values.update((candidates[at], v) for at, v in zip(positions, norms.tolist(), strict=True))
     return bad, [p for p in candidates if values.get(p) == 0.0]
-
-
-_GROUP_BY_DEVICE_AND_DTYPE = getattr(torch._C, "_group_tensors_by_device_and_dtype", None)  # what optimizers use
 
 
 class HostBatch:
