@@ -37,6 +37,7 @@ from .stats import (
 SET_TO_NONE = ".grad set to None (or replaced)"
 WINDOW_KINDS = (ACCUMULATION_MISMATCH, DISCARDED, EMPTY_STEP, STALE)  # a window wrong in size or content
 ZEROED_BY_HAND = ".grad zeroed in place by hand (p.grad.zero_())"
+ROTATING_PROBES = 2  # parameters looked at in turn when a pass begins, besides the last one the latest pass reached
 
 
 class Outbox(Protocol):
@@ -94,6 +95,7 @@ class Tracker:
         self._continuing_pass = False  # a step inside the running backward pass booked part of it already
         self._clipping: list[tuple[int, torch.Tensor]] = []  # gradients a running clip changes, seen unchanged
         self._probes: dict[int, int] = {}  # per optimizer, a parameter of the latest pass: changed in place since?
+        self._rotation = 0  # where the rotating probes go on
         # fresh gradients found changed in place when a pass began: (device evidence, passes before, that pass)
         self._zeroed_fresh: dict[int, tuple[list[tuple[torch.Tensor, int | None]], int, int]] = {}
         self._clear_counted = False  # the running pass noticed a clear by hand already
@@ -110,11 +112,11 @@ class Tracker:
     # -- Receiver ----------------------------------------------------------------------------------
     def on_backward_start(self, index: int, param: torch.Tensor) -> None:
         """Before the other parameters accumulate: look at the consumed gradients still in place, and at the
-        fresh ones if the probe says something changed them in place since the last pass."""
+        fresh ones if a probe says something changed them in place since the last pass."""
         ledger = self.ledger
         if self.stopped:
             return
-        for probe in self._probes.values():
+        for probe in self._next_probes():
             if probe != index and ledger.is_fresh(probe) and self._changed_in_place(probe):
                 self._look_at_changed_fresh(index, param)
                 break
@@ -212,6 +214,15 @@ class Tracker:
         if weights is not None and self._sinks is not None:
             self._sinks.loss_weights(weights)
         return out
+
+    def _next_probes(self) -> list[int]:
+        """The parameters to look at when a pass begins: per optimizer the one the latest pass reached last (a clear
+        of all its gradients changes it), and the next ``ROTATING_PROBES`` of all in turn (a clear of a few of them
+        is found within a few passes on a small model, in the end on a large one)."""
+        n = len(self._params)
+        start = self._rotation
+        self._rotation = (start + ROTATING_PROBES) % n if n else 0
+        return [*self._probes.values(), *((start + k) % n for k in range(min(ROTATING_PROBES, n)))]
 
     def _changed_in_place(self, i: int) -> bool:
         """Whether parameter ``i``'s ``.grad`` is the tensor we last saw, changed in place since then (never under

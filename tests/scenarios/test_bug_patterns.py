@@ -422,6 +422,46 @@ def test_one_parameter_set_to_none_inside_each_window_is_a_discard_of_that_param
     assert (f.severity, f.params, f.step, f.backward, f.count) == ("error", (name,), 0, 1, 4)
 
 
+def test_one_parameter_zeroed_in_place_inside_each_window_is_a_discard_of_that_parameter():
+    """(Not the bias: a pass reaches it first, so it has accumulated onto the zeros before any hook can look;
+    README, Limits.)"""
+    name = "weight"
+    model, opt = reference_model()
+    with watch(model, opt, accumulation_steps=ACC) as w:
+        opt.zero_grad()
+        for i, (x, y) in enumerate(reference_data()):
+            mse(model, x, y, ACC).backward()
+            if i % ACC == 0:
+                getattr(model, name).grad.zero_()
+            if (i + 1) % ACC == 0:
+                opt.step()
+                opt.zero_grad()
+    f = the(w, "discarded-gradient")
+    assert kinds(w) == {"discarded-gradient"}
+    assert (f.severity, f.params, f.step) == ("error", (name,), 0)
+    assert "zeroed in place by hand" in f.message
+
+
+def test_one_layer_zeroed_in_place_inside_each_window_is_found_on_a_larger_model_too():
+    """The rotating probes reach the zeroed layer within a few windows; the finding names only it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(6)])  # 12 parameter tensors
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with watch(model, opt, accumulation_steps=ACC) as w:
+        opt.zero_grad()
+        for i in range(40):
+            model(torch.randn(2, 4)).pow(2).mean().div(ACC).backward()
+            if i % ACC == 0:
+                for p in model[3].parameters():
+                    p.grad.zero_()
+            if (i + 1) % ACC == 0:
+                opt.step()
+                opt.zero_grad()
+    f = the(w, "discarded-gradient")
+    assert kinds(w) == {"discarded-gradient"}
+    assert f.params == ("3.weight", "3.bias") and f.step < 6
+
+
 def test_a_step_without_backward_after_a_clear_by_hand_is_an_empty_step():
     model, opt = reference_model()
     x, y = reference_data(1)[0]
