@@ -37,7 +37,6 @@ from .stats import (
 SET_TO_NONE = ".grad set to None (or replaced)"
 WINDOW_KINDS = (ACCUMULATION_MISMATCH, DISCARDED, EMPTY_STEP, STALE)  # a window wrong in size or content
 ZEROED_BY_HAND = ".grad zeroed in place by hand (p.grad.zero_())"
-ROTATING_PROBES = 2  # parameters looked at in turn when a pass begins, besides the last one the latest pass reached
 
 
 class Outbox(Protocol):
@@ -116,10 +115,8 @@ class Tracker:
         ledger = self.ledger
         if self.stopped:
             return
-        for probe in self._next_probes():
-            if probe != index and ledger.is_fresh(probe) and self._changed_in_place(probe):
-                self._look_at_changed_fresh(index, param)
-                break
+        if not self._versions_unreliable and self._probe_changed(index):
+            self._look_at_changed_fresh(index, param)
         suspects = ledger.clear_suspects()
         if not suspects:
             return
@@ -215,14 +212,24 @@ class Tracker:
             self._sinks.loss_weights(weights)
         return out
 
-    def _next_probes(self) -> list[int]:
-        """The parameters to look at when a pass begins: per optimizer the one the latest pass reached last (a clear
-        of all its gradients changes it), and the next ``ROTATING_PROBES`` of all in turn (a clear of a few of them
-        is found within a few passes on a small model, in the end on a large one)."""
+    def _probe_changed(self, index: int) -> bool:
+        """Whether a probe's fresh ``.grad`` changed in place since the latest pass (``index``: the parameter that
+        began this pass, accumulated already). The probes: per optimizer the parameter the latest pass reached last
+        (any clear of all gradients changes it), and the next of all parameters in turn (a clear of a few is found
+        when the turn comes to one of them). Inlined: it runs at every pass."""
         n = len(self._params)
-        start = self._rotation
-        self._rotation = (start + ROTATING_PROBES) % n if n else 0
-        return [*self._probes.values(), *((start + k) % n for k in range(min(ROTATING_PROBES, n)))]
+        turn = self._rotation
+        self._rotation = turn + 1 if turn + 1 < n else 0
+        fresh, refs, versions, params = self.ledger.fresh, self._grad_refs, self._grad_versions, self._params
+        for probe in (*self._probes.values(), turn):
+            if probe == index or probe >= n or not fresh[probe]:
+                continue
+            p = params[probe]()
+            grad = None if p is None else p.grad
+            ref = refs[probe]
+            if grad is not None and ref is not None and ref() is grad and grad._version != versions[probe]:
+                return True
+        return False
 
     def _changed_in_place(self, i: int) -> bool:
         """Whether parameter ``i``'s ``.grad`` is the tensor we last saw, changed in place since then (never under
