@@ -74,6 +74,12 @@ _MESSAGES: Mapping[str | tuple[str, str], str] = {
         "window or between backward() and step()). If the loop computed that gradient only to read it "
         "(gradient logging, a look-ahead), compute it with torch.autograd.grad(...) instead, which leaves .grad alone."
     ),
+    (DISCARDED, "part"): (
+        "{source} cleared {fresh} backward pass(es) of gradient in {params} before any optimizer step consumed "
+        "them, while the optimizer's other parameters kept theirs, so these passes do not train {params}. If these "
+        "parameters should not train, freeze them with requires_grad_(False) (backward then computes nothing for "
+        "them); otherwise clear gradients only after optimizer.step(), all at once (optimizer.zero_grad())."
+    ),
     (DISCARDED, "not-stepped"): (
         "optimizer[{opt}] never stepped on the gradient that backward pass(es) put into {params}: another "
         "optimizer stepped on those passes, and {source} then found the gradient of {params} unconsumed, so these "

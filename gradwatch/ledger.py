@@ -575,7 +575,9 @@ class Ledger:
             occurrence, passes = dropped
             whole = expected is None or passes >= expected
             own = max(self.fresh[i] for i in occurrence.params)  # what the dropped parameters hold now
-            if window == 0:
+            if self._kept_by_others(occurrence, params):  # not a skipped window, nor an epoch's dropped tail
+                out.append(replace(occurrence, detail={**occurrence.detail, "how": "part"}))
+            elif window == 0:
                 out.append(occurrence)  # cleared between backward() and step()
             elif not whole and (window != expected or own != expected):
                 out.append(occurrence)  # cleared inside this window: the step consumed what was left of it
@@ -595,6 +597,12 @@ class Ledger:
             return out  # the short last window of an epoch, stepped on
         detail = {"window": window, "expected": full}
         return [*out, Occurrence(k.ACCUMULATION_MISMATCH, params, self.steps[opt], self.backwards, detail)]
+
+    def _kept_by_others(self, dropped: Occurrence, consumed: tuple[int, ...]) -> bool:
+        """Whether the step consumed, besides, gradients that other parameters held since before the drop: the
+        clear took some parameters' contributions and left the rest of the same passes in place."""
+        cleared = set(dropped.params)
+        return any(self.fresh_first[i] < dropped.backward for i in consumed if i not in cleared)
 
     def _redundant_syncs(self, opt: int, window: Sequence[int], step: int) -> list[Occurrence]:
         """All-reduces by backward passes of the window other than its last: their result is summed over again."""

@@ -30,6 +30,7 @@ class ReferenceRules:
         self.first = {}  # kind -> (step, backward)
         self.params = {}  # kind -> names
         self.set_to_none = set()  # .grad set to None by hand, not noticed yet: that needs a look at the tensors
+        self.since = {}  # name -> the pass of its oldest fresh contribution
 
     def _found(self, kind, names, step=None, backward=None):
         step = self.steps if step is None else step
@@ -63,6 +64,8 @@ class ReferenceRules:
             for n in NAMES:
                 if self.consumed[n] and not self.fresh[n]:
                     self.mixed.setdefault(n, (self.steps, self.backwards))
+                if not self.fresh[n]:
+                    self.since[n] = self.backwards
                 self.fresh[n] += 1
                 self.has_grad[n] = True
             self.received = True
@@ -86,7 +89,8 @@ class ReferenceRules:
                 self.dropped = None
                 whole = expected is None or passes >= expected
                 own = max(self.fresh[n] for n in names)  # what the dropped parameters hold at this step
-                if window == 0 or (not whole and (window != expected or own != expected)):  # between, or inside
+                kept = any(self.since[n] < backward for n in fresh if n not in names)  # others kept those passes
+                if kept or window == 0 or (not whole and (window != expected or own != expected)):  # inside
                     self._found("discarded-gradient", names, step, backward)
                 elif not whole and step > 0:  # a full window followed: a partial one was dropped (wasted)
                     self._found("dangling-gradient", names, step, backward)

@@ -431,6 +431,41 @@ def test_one_parameter_cleared_inside_each_window_is_a_discard_of_that_parameter
     assert f.backward == (1 if how == "set-to-none" else 2)  # passes seen when it was noticed
 
 
+@pytest.mark.parametrize("how", ["set-to-none", "zero_"])
+def test_some_parameters_cleared_before_each_step_are_found_at_the_first_and_the_advice_leads_to_a_clean_run(how):
+    """Clearing some parameters' gradients between backward() and step() (a way of freezing them) discards those
+    passes while the step consumes the others': not a skipped window, so it is found at the first step, and the
+    message's advice (requires_grad_(False)) gives a clean run."""
+
+    def train(freeze_by_clearing: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+        if not freeze_by_clearing:
+            model[0].requires_grad_(False)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        with watch(model, opt, accumulation_steps=ACC) as w:
+            opt.zero_grad()
+            for i in range(8):
+                model(torch.randn(2, 4)).pow(2).mean().div(ACC).backward()
+                if (i + 1) % ACC == 0:
+                    if freeze_by_clearing:
+                        for p in model[0].parameters():
+                            if how == "set-to-none":
+                                p.grad = None
+                            else:
+                                p.grad.zero_()
+                    opt.step()
+                    opt.zero_grad()
+        return w
+
+    w = train(freeze_by_clearing=True)
+    f = the(w, "discarded-gradient")
+    assert kinds(w) == {"discarded-gradient"}
+    assert (f.severity, f.params, f.step, f.count) == ("error", ("0.weight", "0.bias"), 0, 4)
+    assert "requires_grad_(False)" in f.message and "other parameters kept theirs" in f.message
+    assert train(freeze_by_clearing=False).findings == []
+
+
 def test_one_layer_zeroed_in_place_inside_each_window_is_found_on_a_larger_model_too():
     """The rotating probes reach the zeroed layer within a few windows; the finding names only it."""
     torch.manual_seed(0)
