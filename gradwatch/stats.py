@@ -134,12 +134,15 @@ def _to_host(flags: list[torch.Tensor]) -> list[bool]:
 def nonfinite_positions(tensors: Sequence[torch.Tensor]) -> list[int]:
     """Positions of the tensors holding NaN or Inf: one batched pass, one read per device/dtype group (one transfer
     of its norms; more only if some are bad)."""
-    bad = [
-        p
-        for positions, norms in norms_by_group(tensors)
-        for p, n in zip(positions, norms.tolist(), strict=True)
-        if not math.isfinite(n)
-    ]
+    return _nonfinite(tensors, _read(norms_by_group(tensors)))
+
+
+def _read(groups: list[tuple[list[int], torch.Tensor]]) -> list[tuple[list[int], list[float]]]:
+    return [(positions, norms.tolist()) for positions, norms in groups]
+
+
+def _nonfinite(tensors: Sequence[torch.Tensor], read: list[tuple[list[int], list[float]]]) -> list[int]:
+    bad = [p for positions, values in read for p, v in zip(positions, values, strict=True) if not math.isfinite(v)]
     return confirm_nonfinite(tensors, sorted(bad)) if bad else []
 
 
@@ -156,15 +159,14 @@ def confirm_nonfinite(tensors: Sequence[torch.Tensor | None], suspects: Sequence
 
 
 def nonfinite_and_zero(tensors: Sequence[torch.Tensor], candidates: Sequence[int]) -> tuple[list[int], list[int]]:
-    """Positions of the tensors holding NaN/Inf, and of the ``candidates`` that are all zeros (their norms read on
-    this rarer path only)."""
-    bad = nonfinite_positions(tensors)
+    """Positions of the tensors holding NaN/Inf, and of the ``candidates`` that are all zeros: one batched pass
+    and one read."""
+    read = _read(norms_by_group(tensors))
     if not candidates:
-        return bad, []
-    values: dict[int, float] = {}
-    for positions, norms in norms_by_group([tensors[p] for p in candidates]):
-        values.update((candidates[at], v) for at, v in zip(positions, norms.tolist(), strict=True))
-    return bad, [p for p in candidates if values.get(p) == 0.0]
+        return _nonfinite(tensors, read), []
+    wanted = set(candidates)
+    zero = {p for positions, values in read for p, v in zip(positions, values, strict=True) if v == 0.0 and p in wanted}
+    return _nonfinite(tensors, read), [p for p in candidates if p in zero]
 
 
 class HostBatch:

@@ -94,7 +94,7 @@ class Tracker:
         self._continuing_pass = False  # a step inside the running backward pass booked part of it already
         self._clipping: list[tuple[int, torch.Tensor]] = []  # gradients a running clip changes, seen unchanged
         self._probes: dict[int, int] = {}  # per optimizer, a parameter of the latest pass: changed in place since?
-        self._rotation = 0  # where the rotating probes go on
+        self._rotation = 0  # the parameter the rotating probe looks at next
         # fresh gradients found changed in place when a pass began: (device evidence, passes before, that pass)
         self._zeroed_fresh: dict[int, tuple[list[tuple[torch.Tensor, int | None]], int, int]] = {}
         self._clear_counted = False  # the running pass noticed a clear by hand already
