@@ -227,10 +227,11 @@ def _train(model, opt, loss_of, accumulation: int, steps: int) -> None:
 
 
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
-clock = time.perf_counter
 
 
-def time_variant(workload: Workload, variant: Callable, steps: int) -> float:
+def time_variant(
+    workload: Workload, variant: Callable, steps: int, clock: Callable[[], float] = time.perf_counter
+) -> float:
     """Seconds per optimizer step of one variant, on a fresh model with fixed seeds."""
     torch.manual_seed(0)
     model, opt, loss_of = workload.build()
@@ -405,7 +406,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    global clock
     clock = CLOCKS[args.clock]
     rounds, scale = (1, 0) if args.quick else (args.rounds, 1)
     memory_steps = 50 if args.quick else args.memory_steps
@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> dict:
         for r in range(rounds):
             order = variants[r % len(variants) :] + variants[: r % len(variants)]
             for v in order:
-                times[v].append(time_variant(workload, VARIANTS[v], steps))
+                times[v].append(time_variant(workload, VARIANTS[v], steps, clock))
         rows = summarize(times)
         results["workloads"][name] = rows
         print(f"\n{name} (accumulation {workload.accumulation}, {rounds} rounds x {steps} steps)")
