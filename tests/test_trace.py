@@ -48,6 +48,23 @@ def test_logdir_gets_the_trace_by_default(tmp_path):
     assert trace.findings == () and w.findings == []
 
 
+def test_every_line_up_to_a_finding_is_on_disk_when_the_finding_is_reported(tmp_path):
+    path = tmp_path / "trace.jsonl"
+    model, opt = reference_model()
+    with watch(model, opt, accumulation_steps=2, trace=path) as w:
+        opt.zero_grad()
+        for i, (x, y) in enumerate(reference_data()):
+            mse(model, x, y, 2).backward()
+            if (i + 1) % 2 == 0:
+                opt.step()  # no zero_grad: the second step finds uncleared gradients
+            if w.findings:
+                break
+        on_disk = [json.loads(line) for line in path.read_text().splitlines()]  # read while the watch runs
+    assert [e["event"] for e in on_disk][:3] == ["run", "clear", "backward"]
+    assert on_disk[-1]["event"] == "finding" and on_disk[-1]["kind"] == "uncleared-gradient"
+    assert len([e for e in on_disk if e["event"] == "backward"]) == 4  # every pass before the step that found it
+
+
 def test_a_torn_last_line_is_skipped_with_a_warning(tmp_path):
     path = tmp_path / "trace.jsonl"
     _missing_zero_grad_run(path)
@@ -91,11 +108,11 @@ def test_a_sink_failing_mid_run_is_reported_once_and_training_goes_on(tmp_path, 
     writes = {"n": 0}
     original = TraceSink._write
 
-    def disk_fills_up(self, record):
+    def disk_fills_up(self, record, **flush):
         writes["n"] += 1
         if writes["n"] > 5:
             raise OSError(28, "No space left on device")
-        original(self, record)
+        original(self, record, **flush)
 
     monkeypatch.setattr(TraceSink, "_write", disk_fills_up)
     with pytest.warns(GradientWarning, match="TraceSink failed") as caught:
