@@ -40,10 +40,14 @@ def norms_by_group(tensors: Sequence[torch.Tensor]) -> list[tuple[list[int], tor
     (1000 tensors: a third of the time).
     """
     tensors = local_tensors(tensors)
+    if not tensors:
+        return []
     grad_enabled = torch.is_grad_enabled()
     torch._C._set_grad_enabled(False)  # torch.no_grad() without its Python objects: this runs every step
     try:
-        if _GROUP_BY_DEVICE_AND_DTYPE is not None and tensors:
+        if len(tensors) <= FEW_ON_CPU and _one_dense_group(tensors):  # a small model's step: no grouping at all
+            return [(list(range(len(tensors))), torch.stack(torch._foreach_norm(tensors)))]
+        if _GROUP_BY_DEVICE_AND_DTYPE is not None:
             try:  # grouped in C++: a third of the Python loop's time over 1000 tensors
                 grouped = _GROUP_BY_DEVICE_AND_DTYPE([tensors], True).values()
                 ordered = sorted((positions, lists[0]) for lists, positions in grouped)
@@ -54,6 +58,12 @@ def norms_by_group(tensors: Sequence[torch.Tensor]) -> list[tuple[list[int], tor
         return [entry for pos in groups for entry in _group_norms(pos, [tensors[p] for p in pos])]
     finally:
         torch._C._set_grad_enabled(grad_enabled)
+
+
+def _one_dense_group(tensors: Sequence[torch.Tensor]) -> bool:
+    first = tensors[0]
+    device, dtype = first.device, first.dtype
+    return all(t.layout is torch.strided and t.dtype is dtype and t.device == device for t in tensors)
 
 
 SMALL_ON_CPU = 1 << 16  # elements: below this, dispatching a kernel per CPU tensor costs more than copying it
@@ -197,7 +207,10 @@ class HostBatch:
         return lambda: self._values[slot]
 
     def _add(self, tensor: torch.Tensor) -> int:
-        self._parts.append(tensor.detach().float().reshape(-1))
+        tensor = tensor.detach()
+        if tensor.dtype is not torch.float32:
+            tensor = tensor.float()
+        self._parts.append(tensor.reshape(-1) if tensor.dim() != 1 else tensor)
         return len(self._parts) - 1
 
     def read(self) -> None:
@@ -205,7 +218,10 @@ class HostBatch:
         self._values = [[] for _ in self._parts]
         by_device: dict[torch.device, list[int]] = {}
         for slot, part in enumerate(self._parts):
-            by_device.setdefault(part.device, []).append(slot)
+            if part.device.type == "cpu":  # already on the host: no transfer to batch
+                self._values[slot] = part.tolist()
+            else:
+                by_device.setdefault(part.device, []).append(slot)
         for slots in by_device.values():
             flat = torch.cat([self._parts[s] for s in slots]).tolist()
             at = 0
