@@ -87,6 +87,22 @@ def test_findings_are_written_as_a_markdown_table_when_they_occur(tmp_path):
     assert "| uncleared-gradient | error | 1 | 2 | 3 | weight, bias |" in tables[-1]  # final counts at detach
 
 
+def test_a_finding_brings_the_charts_up_to_date_on_disk_while_the_run_goes_on(tmp_path):
+    model, opt = reference_model()
+    with watch(model, opt, accumulation_steps=ACC, logdir=tmp_path) as w:
+        opt.zero_grad()
+        for i, (x, y) in enumerate(reference_data()):
+            mse(model, x, y, ACC).backward()
+            if (i + 1) % ACC == 0:
+                opt.step()  # missing zero_grad: found at step 1
+            if w.findings:
+                break
+        acc = _events(tmp_path)  # read while the watch runs: the scalars are held up to a second otherwise
+    assert _scalars(acc, "lifecycle/findings") == [(1, 1.0)]
+    assert [s for s, _ in _scalars(acc, "grad_norm/weight")] == [0, 1]
+    assert [s for s, _ in _scalars(acc, "lifecycle/backward_passes_per_step")] == [0, 1]
+
+
 def test_many_parameters_are_grouped_per_layer(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(20)])  # 40 parameter tensors

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -20,6 +21,8 @@ PER_PARAM_LIMIT = 32  # above this many parameters, gradient norms are logged pe
 PER_LAYER_LIMIT = 64  # above this many layers, per contiguous range of layers
 RANGES = 32
 LINE_REFRESH = 100  # a lifecycle line on the backward-pass axis gets a point at least every this many passes
+HANDOFF_SECONDS = 1.0  # the scalar events go to the writer's thread at most this often (and at each finding)
+MAX_HELD_EVENTS = 1024
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,8 @@ class TensorBoardSink(Sink):
         self._findings: list[Finding] = []
         self._scalars: dict[int, list[Any]] = {}  # scalars by their step, written as one event per step value
         self._lines: dict[str, Polyline] = {}  # the lifecycle series on the backward-pass axis
+        self._events: list[tuple[Summary, int, float]] = []  # (summary, step, wall time) not handed off yet
+        self._handed_off = time.monotonic()
 
     def started(self, info: RunInfo) -> None:
         self._names = list(info.params)
@@ -223,7 +228,7 @@ class TensorBoardSink(Sink):
         self._scalar("lifecycle/findings", len(self._findings), finding.step)
         self._writer.add_text("gradwatch/findings", findings_table(self._findings), finding.step)
         self._end_lines()  # the charts up to date where the finding shows
-        self._write_scalars()
+        self._write_scalars(now=True)
         self._writer.flush()
 
     def _scalar(self, tag: str, value: float, step: int) -> None:
@@ -245,17 +250,25 @@ class TensorBoardSink(Sink):
             for step, value in line.end():
                 self._scalar(tag, value, step)
 
-    def _write_scalars(self) -> None:
+    def _write_scalars(self, now: bool = False) -> None:
+        """Queue the held scalars as one event per step value; hand the queue to the writer's thread when ``now``,
+        or when a second has passed since the last time: its pure-Python CRC, woken for every event, took the
+        GIL from the training loop for several times the event's own cost."""
         pending, self._scalars = self._scalars, {}
-        if not pending:
+        wall_time = time.time()
+        self._events += [(Summary(value=values), step, wall_time) for step, values in pending.items()]
+        if not self._events:
             return
-        file_writer = self._writer._get_file_writer()
-        for step, values in pending.items():
-            file_writer.add_summary(Summary(value=values), step)
+        clock = time.monotonic()
+        if now or clock - self._handed_off >= HANDOFF_SECONDS or len(self._events) >= MAX_HELD_EVENTS:
+            events, self._events, self._handed_off = self._events, [], clock
+            file_writer = self._writer._get_file_writer()
+            for summary, step, wall_time in events:
+                file_writer.add_summary(summary, step, wall_time)
 
     def finished(self, findings: Sequence[Finding], backwards: int, steps: Sequence[int]) -> None:
         self._end_lines()
-        self._write_scalars()
+        self._write_scalars(now=True)
         last_step = max(steps, default=0)
         self._writer.add_text("gradwatch/findings", findings_table(findings), last_step)
         if timeline.available():
@@ -268,7 +281,7 @@ class TensorBoardSink(Sink):
     def abandon(self) -> None:
         try:
             self._end_lines()
-            self._write_scalars()
+            self._write_scalars(now=True)
         finally:
             self._writer.close()
 
