@@ -107,7 +107,8 @@ class TensorBoardSink(Sink):
     def __init__(self, logdir: str | os.PathLike[str], options: TensorBoardOptions | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self._writer = SummaryWriter(log_dir=os.fspath(logdir))
+        # a queue that takes a second's events at once: with the default 10 the hand-off waits for the writer's CRCs
+        self._writer = SummaryWriter(log_dir=os.fspath(logdir), max_queue=2 * MAX_HELD_EVENTS)
         self.logdir = os.fspath(logdir)
         self.timeline_path: str | None = None
         self._timeline: list[dict] = []  # trace-format events for the picture, bounded
