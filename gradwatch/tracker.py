@@ -39,6 +39,9 @@ WINDOW_KINDS = (ACCUMULATION_MISMATCH, DISCARDED, EMPTY_STEP, STALE)  # a window
 ZEROED_BY_HAND = ".grad zeroed in place by hand (p.grad.zero_())"
 
 
+Layout = tuple[int, list[int], "list[int] | None"]  # see Tracker._layout
+
+
 class Outbox(Protocol):
     """Where the tracker's results go: findings, the names of parameters watched from now on, and a stop."""
 
@@ -68,7 +71,7 @@ class Tracker:
         self.ledger = ledger
         self._params = [weakref.ref(p) for p in params]
         self._index = {id(p): i for i, p in enumerate(params)}
-        self._opt_layout: list[tuple[int, list[int]]] = [(-1, [])] * len(ledger.steps)  # filled on first use
+        self._opt_layout: list[Layout] = [(-1, [], None)] * len(ledger.steps)  # filled on first use
         self._grad_refs: list[weakref.ref[torch.Tensor] | None] = [None] * n
         self._grad_versions = [0] * n
         self._zeroed: dict[int, list[tuple[torch.Tensor, int | None]]] = {}  # device evidence per suspected param
@@ -298,7 +301,7 @@ class Tracker:
         if self.stopped:
             return
         refs, versions = self._grad_refs, self._grad_versions
-        for i, p in self._params_of(opt_index, optimizer):
+        for i, p in zip(*self._params_of(opt_index, optimizer), strict=True):
             grad = p.grad
             if i in grads or grad is None:
                 continue
@@ -385,13 +388,14 @@ class Tracker:
         """Before the step (and its closure): notice gradients set to None since we last saw them."""
         if self.stopped:
             return
-        params = self._params_of(opt_index, optimizer)
+        indices, params = self._params_of(opt_index, optimizer)
         if _skipped_by_grad_scaler(optimizer):
             self._skipped_steps.add(opt_index)  # after_scaler_step books the skip
             return
-        self._outbox.findings(self._notice_replaced(params))  # before the step begins: a raise here leaves no step open
+        # before the step begins: a raise here leaves no step open
+        self._outbox.findings(self._notice_replaced(zip(indices, params, strict=True)))
         if self._telemetry is not None:
-            self._telemetry.before_step(opt_index, self.ledger.steps[opt_index], [p for _, p in params])
+            self._telemetry.before_step(opt_index, self.ledger.steps[opt_index], list(params))
         self.ledger.step_begin(opt_index)
 
     def on_step_post(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
@@ -402,9 +406,8 @@ class Tracker:
             self._skipped_steps.discard(opt_index)
             return
         ledger = self.ledger
-        params = self._params_of(opt_index, optimizer)
-        indices = [i for i, _ in params]
-        mixed = [i for i in indices if i in self._zeroed and ledger.is_mixed(i)]
+        indices, params = self._params_of(opt_index, optimizer)
+        mixed = [i for i in indices if i in self._zeroed and ledger.is_mixed(i)] if self._zeroed else []
         if mixed:
             flags = [self._zeroed[i] for i in mixed]
             values = iter(read_flags([flag for per_param in flags for flag in per_param]))
@@ -413,7 +416,7 @@ class Tracker:
         for i in mixed:
             del self._zeroed[i]
         out = self._resolve_zeroed_fresh() if self._zeroed_fresh else []
-        consumed, changed = self._scan_after_step(params)
+        consumed, changed = self._scan_after_step(indices, params)
         window = self._loss_window(opt_index, consumed) if self._audit is not None else None
         if self._telemetry is None:
             zero = None
@@ -429,14 +432,15 @@ class Tracker:
             booked = ledger.step_end(opt_index, indices)
             self._outbox.findings(out + booked + self._judge_losses(opt_index, window, booked))
             return
-        booked = self._step_with_telemetry(self._telemetry, opt_index, params, consumed, changed)
+        booked = self._step_with_telemetry(self._telemetry, opt_index, indices, params, consumed, changed)
         self._outbox.findings(out + booked + self._judge_losses(opt_index, window, booked))
 
     def _step_with_telemetry(
         self,
         telemetry: Telemetry,
         opt_index: int,
-        params: list[tuple[int, torch.Tensor]],
+        indices: list[int],
+        params: Sequence[torch.Tensor],
         consumed: list[tuple[int, torch.Tensor]],
         changed: list[int],
     ) -> list[Occurrence]:
@@ -445,7 +449,7 @@ class Tracker:
         ledger = self.ledger
         batch = HostBatch()
         grads = [p.grad for _, p in consumed]
-        scheduled = telemetry.schedule_step(batch, opt_index, [p for _, p in params], grads)
+        scheduled = telemetry.schedule_step(batch, opt_index, list(params), grads)
         batch.read()
         norms = scheduled.grad_norms() if scheduled.grad_norms is not None else None
         self._check_finite(consumed, norms)
@@ -454,25 +458,26 @@ class Tracker:
         cleared = self._clear(zeroed, ZEROED_BY_HAND, before_step=True) if zeroed else []
         step, window = ledger.steps[opt_index], ledger.window_size(i for i, _ in consumed)
         adopted = ledger.window_unknown(opt_index)
-        out = cleared + ledger.step_end(opt_index, [i for i, _ in params])
+        out = cleared + ledger.step_end(opt_index, indices)
         record = StepRecord(
             opt_index, step, ledger.backwards, window, tuple(i for i, _ in consumed), tuple(norms or ()), adopted
         )
         present = {i: g for (i, _), g in zip(consumed, grads, strict=True) if g is not None}
-        telemetry.step(scheduled, record, tuple(i for i, _ in params), present, max(ledger.steps))
+        telemetry.step(scheduled, record, tuple(indices), present, max(ledger.steps))
         return out
 
     def before_optimizer_clear(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
         """``optimizer.zero_grad()`` is about to run."""
-        self._before_clear(self._params_of(opt_index, optimizer))
+        self._before_clear(*self._params_of(opt_index, optimizer))
 
     def on_optimizer_cleared(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
         """``optimizer.zero_grad()`` ran."""
-        self._cleared([i for i, _ in self._params_of(opt_index, optimizer)], "optimizer.zero_grad()")
+        self._cleared(self._params_of(opt_index, optimizer)[0], "optimizer.zero_grad()")
 
     def before_module_clear(self, module: torch.nn.Module) -> None:
         """``module.zero_grad()`` is about to run on some module."""
-        self._before_clear(self._watched_params_of(module))
+        params = self._watched_params_of(module)
+        self._before_clear([i for i, _ in params], [p for _, p in params])
 
     def on_module_cleared(self, module: torch.nn.Module) -> None:
         """``module.zero_grad()`` ran on some module; clear the watched parameters it holds."""
@@ -535,7 +540,7 @@ class Tracker:
         ledger.unscaled(opt_index)
         if self._steps_before_scaler.pop(opt_index, None) != ledger.steps[opt_index]:
             return
-        fresh = [(i, p) for i, p in self._params_of(opt_index, optimizer) if ledger.is_fresh(i)]
+        fresh = [(i, p) for i, p in zip(*self._params_of(opt_index, optimizer), strict=True) if ledger.is_fresh(i)]
         self._check_finite(fresh)  # a rare path: the read says which gradients overflowed
         self._outbox.findings(ledger.skipped_step(opt_index, [i for i, _ in fresh if ledger.is_nonfinite(i)]))
 
@@ -654,13 +659,14 @@ class Tracker:
             self._sinks.finished(findings, self.ledger.backwards, list(self.ledger.steps))  # type: ignore[union-attr]
 
     # -- helpers -----------------------------------------------------------------------------------
-    def _before_clear(self, params: list[tuple[int, torch.Tensor]]) -> None:
+    def _before_clear(self, indices: list[int], params: Sequence[torch.Tensor]) -> None:
         """A clear may drop unconsumed gradients: a window holding NaN/Inf may be dropped on purpose."""
         if self.stopped:
             return
-        self._outbox.findings(self._resolve_zeroed_fresh())
-        if self.ledger.has_unconsumed(i for i, _ in params):
-            self._check_finite([(i, p) for i, p in params if self.ledger.is_fresh(i)])
+        if self._zeroed_fresh:
+            self._outbox.findings(self._resolve_zeroed_fresh())
+        if self.ledger.has_unconsumed(indices):
+            self._check_finite([(i, p) for i, p in zip(indices, params, strict=True) if self.ledger.is_fresh(i)])
 
     def _know_scaler(self, scaler: Any) -> None:
         if self._scaler is None or self._scaler() is None:
@@ -690,7 +696,7 @@ class Tracker:
         return out
 
     def _scan_after_step(
-        self, params: list[tuple[int, torch.Tensor]]
+        self, indices: list[int], params: Sequence[torch.Tensor]
     ) -> tuple[list[tuple[int, torch.Tensor]], list[int]]:
         """One loop over a step's parameters: the fresh gradients it consumed, the positions among them changed in
         place since their last pass (zeroed by hand, or clipped), and the versions after the step, of the weights
@@ -704,7 +710,7 @@ class Tracker:
         versions_unreliable = self._versions_unreliable
         consumed: list[tuple[int, torch.Tensor]] = []
         changed: list[int] = []
-        for i, p in params:
+        for i, p in zip(indices, params, strict=True):
             grad = p.grad
             if grad is None:
                 continue
@@ -805,25 +811,29 @@ class Tracker:
         ref = self._grad_refs[i]
         return self._rebinds or grad.grad_fn is not None or (ref is not None and ref() is grad)
 
-    def _layout(self, opt_index: int, optimizer: torch.optim.Optimizer) -> tuple[int, list[int]]:
-        """(parameter count, index of each parameter the optimizer books or NO_OWNER), in its own order."""
+    def _layout(self, opt_index: int, optimizer: torch.optim.Optimizer) -> Layout:
+        """(parameter count, index of each parameter the optimizer books, in its own order; positions of those among
+        all its parameters, or None when it books all of them)."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        owners = self.ledger.owners
-        indices = [self._index.get(id(p), NO_OWNER) for p in params]
-        indices = [i if i != NO_OWNER and owners[i] == opt_index else NO_OWNER for i in indices]
-        return len(params), indices
+        owners, index = self.ledger.owners, self._index
+        indices = [index.get(id(p), NO_OWNER) for p in params]
+        kept = [k for k, i in enumerate(indices) if i != NO_OWNER and owners[i] == opt_index]
+        if len(kept) == len(params):
+            return len(params), indices, None
+        return len(params), [indices[k] for k in kept], kept
 
-    def _params_of(self, opt_index: int, optimizer: torch.optim.Optimizer) -> list[tuple[int, torch.Tensor]]:
-        """(index, parameter) of the watched parameters the optimizer books, in its own order.
+    def _params_of(self, opt_index: int, optimizer: torch.optim.Optimizer) -> tuple[list[int], Sequence[torch.Tensor]]:
+        """The indices and the parameters (same order) of the watched parameters the optimizer books: with one
+        parameter group that it books entirely, its own list, not a copy. Do not change either.
 
         Parameters are read from the optimizer each time: holding them here would keep the model alive.
         """
         groups = optimizer.param_groups
-        size, indices = self._opt_layout[opt_index]
+        size, indices, kept = self._opt_layout[opt_index]
         if sum(len(group["params"]) for group in groups) != size:
-            size, indices = self._opt_layout[opt_index] = self._layout(opt_index, optimizer)
+            size, indices, kept = self._opt_layout[opt_index] = self._layout(opt_index, optimizer)
         params = groups[0]["params"] if len(groups) == 1 else [p for group in groups for p in group["params"]]
-        return [(i, p) for i, p in zip(indices, params, strict=True) if i != NO_OWNER]
+        return indices, params if kept is None else [params[k] for k in kept]
 
 
 def _dead_ref() -> None:
