@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import types
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from gradwatch.hooks import HookSet
+from gradwatch.hooks import HookSet, config_flag
 
 
 class Recorder:
@@ -227,3 +229,25 @@ def test_a_clipping_function_is_announced_before_it_runs_and_after_with_its_resu
     hooks.remove()
     assert receiver.events == [("clip", "clip_grad_norm_"), ("clipped",)]
     assert float(total) > 0
+
+
+def test_the_dynamo_config_flag_reader_reads_what_getattr_reads():
+    import torch._dynamo.config as config
+
+    read = config_flag(config, "compiled_autograd")
+    assert read.__qualname__.endswith("read")  # this torch's layout is the fast one: it must agree below
+    with config.patch(compiled_autograd=True):
+        assert read() is config.compiled_autograd is True
+    assert read() is config.compiled_autograd is False
+    config.compiled_autograd = True
+    try:
+        assert read() is True
+    finally:
+        config.compiled_autograd = False
+    assert read() is False
+
+
+def test_the_config_flag_reader_falls_back_to_getattr_on_an_unknown_layout():
+    layout = types.SimpleNamespace(_config={"flag": object()}, flag=True)  # an entry without a user override
+    assert config_flag(layout, "flag")() is True
+    assert config_flag(types.SimpleNamespace(), "flag")() is False
