@@ -830,9 +830,9 @@ class Tracker:
         """
         groups = optimizer.param_groups
         size, indices, kept = self._opt_layout[opt_index]
-        if sum(len(group["params"]) for group in groups) != size:
-            size, indices, kept = self._opt_layout[opt_index] = self._layout(opt_index, optimizer)
         params = groups[0]["params"] if len(groups) == 1 else [p for group in groups for p in group["params"]]
+        if len(params) != size:
+            size, indices, kept = self._opt_layout[opt_index] = self._layout(opt_index, optimizer)
         return indices, params if kept is None else [params[k] for k in kept]
 
 

@@ -182,7 +182,8 @@ class _Outbox:
         self._watcher = watcher
 
     def findings(self, occurrences: list[Occurrence]) -> None:
-        self._watcher._log.record(occurrences)
+        if occurrences:  # five calls a step, nearly all empty
+            self._watcher._log.record(occurrences)
 
     def new_params(self, names: list[str]) -> None:
         self._watcher._log.add_names(names)
