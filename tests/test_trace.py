@@ -12,7 +12,9 @@ from gradwatch import GradientWarning
 from gradwatch.sinks.trace import TraceSink
 
 
-def _missing_zero_grad_run(trace):
+def _missing_zero_grad_run(trace, at_first_finding=None):
+    """The reference loop without zero_grad after its steps; ``at_first_finding``: called once the first finding
+    is reported, while the watch runs, and the loop stops there."""
     model, opt = reference_model()
     with watch(model, opt, accumulation_steps=2, trace=trace) as w:
         opt.zero_grad()
@@ -20,6 +22,9 @@ def _missing_zero_grad_run(trace):
             mse(model, x, y, 2).backward()
             if (i + 1) % 2 == 0:
                 opt.step()
+            if at_first_finding is not None and w.findings:
+                at_first_finding()
+                break
     return w
 
 
@@ -50,16 +55,8 @@ def test_logdir_gets_the_trace_by_default(tmp_path):
 
 def test_every_line_up_to_a_finding_is_on_disk_when_the_finding_is_reported(tmp_path):
     path = tmp_path / "trace.jsonl"
-    model, opt = reference_model()
-    with watch(model, opt, accumulation_steps=2, trace=path) as w:
-        opt.zero_grad()
-        for i, (x, y) in enumerate(reference_data()):
-            mse(model, x, y, 2).backward()
-            if (i + 1) % 2 == 0:
-                opt.step()  # no zero_grad: the second step finds uncleared gradients
-            if w.findings:
-                break
-        on_disk = [json.loads(line) for line in path.read_text().splitlines()]  # read while the watch runs
+    on_disk = []
+    _missing_zero_grad_run(path, lambda: on_disk.extend(json.loads(line) for line in path.read_text().splitlines()))
     assert [e["event"] for e in on_disk][:3] == ["run", "clear", "backward"]
     assert on_disk[-1]["event"] == "finding" and on_disk[-1]["kind"] == "uncleared-gradient"
     assert len([e for e in on_disk if e["event"] == "backward"]) == 4  # every pass before the step that found it
