@@ -22,7 +22,7 @@ PER_LAYER_LIMIT = 64  # above this many layers, per contiguous range of layers
 RANGES = 32
 LINE_REFRESH = 100  # a lifecycle line on the backward-pass axis gets a point at least every this many passes
 HANDOFF_SECONDS = 1.0  # the scalar events go to the writer's thread at most this often (and at each finding)
-MAX_HELD_EVENTS = 1024
+MAX_HELD_EVENTS = 1024  # events held before they are handed over anyway (a loop of more than 1000 steps a second)
 
 
 @dataclass(frozen=True)
