@@ -32,12 +32,46 @@ def _groups(tensors: Sequence[torch.Tensor]) -> dict[tuple[torch.device, torch.d
 _GROUP_BY_DEVICE_AND_DTYPE = getattr(torch._C, "_group_tensors_by_device_and_dtype", None)  # what optimizers use
 
 
-def norms_by_group(tensors: Sequence[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
+class NormPlan:
+    """How ``norms_by_group`` split a caller's tensors the last time, kept by the caller (one per optimizer) to
+    split its next list of as many tensors the same way: on 1000 small CPU tensors the grouping cost twice the
+    kernels. A list the plan does not fit (unequal shapes in a stack, another device, a sparse tensor) raises in
+    the kernels and is grouped afresh; a plan is kept only when it covers every position."""
+
+    def __init__(self) -> None:
+        self._size = -1
+        self._parts: list[tuple[bool, list[int]]] = []  # (stacked row by row, positions)
+
+    def run(self, tensors: Sequence[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]] | None:
+        if len(tensors) != self._size:
+            return None
+        out = []
+        try:
+            for stacked, positions in self._parts:
+                group = [tensors[p] for p in positions]
+                if stacked:
+                    norms = torch.linalg.vector_norm(torch.stack(group).reshape(len(group), -1), dim=1)
+                else:
+                    norms = torch.stack(torch._foreach_norm(group))
+                out.append((positions, norms))
+        except (RuntimeError, TypeError, ValueError):
+            self._size = -1
+            return None
+        return out
+
+    def learn(self, size: int, parts: list[tuple[bool, list[int]]]) -> None:
+        covered = sum(len(positions) for _, positions in parts)
+        self._size, self._parts = (size, parts) if covered == size else (-1, [])
+
+
+def norms_by_group(
+    tensors: Sequence[torch.Tensor], plan: NormPlan | None = None
+) -> list[tuple[list[int], torch.Tensor]]:
     """(positions, their 2-norms as a 1-d tensor) covering the dense tensors, no sync.
 
     One ``_foreach_norm`` per device/dtype group, except on the CPU, where a kernel per tensor costs about a
     microsecond of dispatch: there the small tensors of one shape are stacked and normed row by row in one kernel
-    (1000 tensors: a third of the time).
+    (1000 tensors: a third of the time). ``plan``: the caller's split of its previous list, tried first.
     """
     tensors = local_tensors(tensors)
     if not tensors:
@@ -47,17 +81,30 @@ def norms_by_group(tensors: Sequence[torch.Tensor]) -> list[tuple[list[int], tor
     try:
         if len(tensors) <= FEW_ON_CPU and _one_dense_group(tensors):  # a small model's step: no grouping at all
             return [(list(range(len(tensors))), torch.stack(torch._foreach_norm(tensors)))]
-        if _GROUP_BY_DEVICE_AND_DTYPE is not None:
-            try:  # grouped in C++: a third of the Python loop's time over 1000 tensors
-                grouped = _GROUP_BY_DEVICE_AND_DTYPE([tensors], True).values()
-                ordered = sorted((positions, lists[0]) for lists, positions in grouped)
-                return [entry for positions, group in ordered for entry in _group_norms(list(positions), group)]
-            except (RuntimeError, TypeError):  # a sparse gradient has no norm kernel: the Python grouping skips it
-                pass
-        groups = _groups(tensors).values()
-        return [entry for pos in groups for entry in _group_norms(pos, [tensors[p] for p in pos])]
+        planned = plan.run(tensors) if plan is not None else None
+        if planned is not None:
+            return planned
+        parts = _split_and_norm(tensors)
+        if plan is not None:
+            plan.learn(len(tensors), [(stacked, positions) for positions, _, stacked in parts])
+        return [(positions, norms) for positions, norms, _ in parts]
     finally:
         torch._C._set_grad_enabled(grad_enabled)
+
+
+Part = tuple[list[int], torch.Tensor, bool]  # positions, their norms, whether stacked row by row
+
+
+def _split_and_norm(tensors: Sequence[torch.Tensor]) -> list[Part]:
+    if _GROUP_BY_DEVICE_AND_DTYPE is not None:
+        try:  # grouped in C++: a third of the Python loop's time over 1000 tensors
+            grouped = _GROUP_BY_DEVICE_AND_DTYPE([tensors], True).values()
+            ordered = sorted((positions, lists[0]) for lists, positions in grouped)
+            return [part for positions, group in ordered for part in _group_norms(list(positions), group)]
+        except (RuntimeError, TypeError):  # a sparse gradient has no norm kernel: the Python grouping skips it
+            pass
+    groups = _groups(tensors).values()
+    return [part for pos in groups for part in _group_norms(pos, [tensors[p] for p in pos])]
 
 
 def _one_dense_group(tensors: Sequence[torch.Tensor]) -> bool:
@@ -71,14 +118,14 @@ STACK_LIMIT = 1 << 22  # elements copied into one stack at most
 FEW_ON_CPU = 16  # up to this many CPU tensors of a group get a kernel each
 
 
-def _group_norms(positions: list[int], group: list[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
+def _group_norms(positions: list[int], group: list[torch.Tensor]) -> list[Part]:
     """The norms of one device/dtype group (``positions``: where its tensors are in the caller's list)."""
     if len(group) <= FEW_ON_CPU or group[0].device.type != "cpu":
-        return [(positions, torch.stack(torch._foreach_norm(group)))]
+        return [(positions, torch.stack(torch._foreach_norm(group)), False)]
     by_shape: dict[torch.Size, list[int]] = {}
     for at, t in enumerate(group):
         by_shape.setdefault(t.shape, []).append(at)
-    out: list[tuple[list[int], torch.Tensor]] = []
+    out: list[Part] = []
     rest: list[int] = []
     for shape, ats in by_shape.items():
         numel = math.prod(shape)
@@ -89,9 +136,10 @@ def _group_norms(positions: list[int], group: list[torch.Tensor]) -> list[tuple[
         for start in range(0, len(ats), per):
             chunk = ats[start : start + per]
             rows = torch.stack([group[at] for at in chunk]).reshape(len(chunk), -1)
-            out.append(([positions[at] for at in chunk], torch.linalg.vector_norm(rows, dim=1)))
+            out.append(([positions[at] for at in chunk], torch.linalg.vector_norm(rows, dim=1), True))
     if rest:
-        out.append(([positions[at] for at in rest], torch.stack(torch._foreach_norm([group[at] for at in rest]))))
+        norms = torch.stack(torch._foreach_norm([group[at] for at in rest]))
+        out.append(([positions[at] for at in rest], norms, False))
     return out
 
 
@@ -168,10 +216,12 @@ def confirm_nonfinite(tensors: Sequence[torch.Tensor | None], suspects: Sequence
     return [pos for pos in suspects if pos not in unconfirmed]
 
 
-def nonfinite_and_zero(tensors: Sequence[torch.Tensor], candidates: Sequence[int]) -> tuple[list[int], list[int]]:
+def nonfinite_and_zero(
+    tensors: Sequence[torch.Tensor], candidates: Sequence[int], plan: NormPlan | None = None
+) -> tuple[list[int], list[int]]:
     """Positions of the tensors holding NaN/Inf, and of the ``candidates`` that are all zeros: one batched pass
-    and one read."""
-    read = _read(norms_by_group(tensors))
+    and one read (``plan``: see ``NormPlan``)."""
+    read = _read(norms_by_group(tensors, plan))
     if not candidates:
         return _nonfinite(tensors, read), []
     wanted = set(candidates)
@@ -186,10 +236,11 @@ class HostBatch:
         self._parts: list[torch.Tensor] = []
         self._values: list[list[float]] = []
 
-    def norms(self, tensors: Sequence[torch.Tensor | None]) -> Callable[[], list[float]]:
+    def norms(self, tensors: Sequence[torch.Tensor | None], plan: NormPlan | None = None) -> Callable[[], list[float]]:
         """Schedule the 2-norm of each tensor (0.0 for None or sparse); the getter works after ``read()``."""
         present = [(pos, t) for pos, t in enumerate(tensors) if t is not None]
-        slots = [(positions, self._add(norms)) for positions, norms in norms_by_group([t for _, t in present])]
+        groups = norms_by_group([t for _, t in present], plan)
+        slots = [(positions, self._add(norms)) for positions, norms in groups]
         size = len(tensors)
 
         def get() -> list[float]:

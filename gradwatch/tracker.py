@@ -27,6 +27,7 @@ from .sinks.telemetry import Telemetry
 from .stats import (
     FiniteChecks,
     HostBatch,
+    NormPlan,
     confirm_nonfinite,
     nonfinite_and_zero,
     nonfinite_positions,
@@ -72,6 +73,7 @@ class Tracker:
         self._params = [weakref.ref(p) for p in params]
         self._index = {id(p): i for i, p in enumerate(params)}
         self._opt_layout: list[Layout] = [(-1, [], None)] * len(ledger.steps)  # filled on first use
+        self._norm_plans = [NormPlan() for _ in ledger.steps]  # how each optimizer's gradients split for their norms
         self._grad_refs: list[weakref.ref[torch.Tensor] | None] = [None] * n
         self._grad_versions = [0] * n
         self._zeroed: dict[int, list[tuple[torch.Tensor, int | None]]] = {}  # device evidence per suspected param
@@ -421,7 +423,8 @@ class Tracker:
         if self._telemetry is None:
             zero = None
             if not self._check_every_backward:
-                bad, zero = nonfinite_and_zero([p.grad for _, p in consumed], changed)  # type: ignore[misc]
+                grads = [p.grad for _, p in consumed]
+                bad, zero = nonfinite_and_zero(grads, changed, self._norm_plans[opt_index])  # type: ignore[arg-type]
                 if bad:
                     self._mark_nonfinite([consumed[pos][0] for pos in bad])
             else:
@@ -449,7 +452,7 @@ class Tracker:
         ledger = self.ledger
         batch = HostBatch()
         grads = [p.grad for _, p in consumed]
-        scheduled = telemetry.schedule_step(batch, opt_index, list(params), grads)
+        scheduled = telemetry.schedule_step(batch, opt_index, list(params), grads, self._norm_plans[opt_index])
         batch.read()
         norms = scheduled.grad_norms() if scheduled.grad_norms is not None else None
         self._check_finite(consumed, norms)

@@ -125,3 +125,55 @@ def test_host_batch_norms_of_many_small_tensors_are_each_tensors_norm():
     batch.read()
     expected = [0.0 if t is None else torch.linalg.vector_norm(t).item() for t in tensors]
     assert norms() == pytest.approx(expected, rel=1e-6)
+
+
+SHAPES = [(4,), (2, 3), (6,), (40,), (0,)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(  # the gradients of successive steps: the same layout, or one that no longer fits the plan
+        st.lists(
+            st.tuples(st.sampled_from(KINDS), st.sampled_from(DTYPES[:2]), st.sampled_from(SHAPES), st.booleans()),
+            min_size=18,
+            max_size=24,
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    st.integers(0, 3),
+)
+def test_a_plan_splits_later_lists_the_same_way_or_not_at_all(steps, repeats):
+    """Norms through a plan learnt on earlier lists equal norms computed afresh, position by position, whether the
+    next list fits the plan (the same layout again) or not (other shapes, dtypes, sparse tensors, another size)."""
+    plan = stats.NormPlan()
+    lists = [step for step in steps for _ in range(repeats + 1)]
+    for specs in lists:
+        tensors = [
+            torch.zeros(3).to_sparse()
+            if sparse and kind == "normal"
+            else _tensor(kind, dtype, math.prod(shape)).reshape(shape)
+            if math.prod(shape)
+            else torch.zeros(shape, dtype=dtype)
+            for kind, dtype, shape, sparse in specs
+        ]
+        with patch.object(stats, "FEW_ON_CPU", 2), patch.object(stats, "SMALL_ON_CPU", 10):
+            planned = stats.norms_by_group(tensors, plan)
+            fresh = stats.norms_by_group(tensors)
+        expected = _by_position(fresh)
+        assert set(_by_position(planned)) == set(expected) == {p for p, t in enumerate(tensors) if not t.is_sparse}
+        assert _by_position(planned) == pytest.approx(expected, nan_ok=True)
+
+
+def _by_position(groups: list[tuple[list[int], torch.Tensor]]) -> dict[int, float]:
+    return {p: v for positions, norms in groups for p, v in zip(positions, norms.tolist(), strict=True)}
+
+
+def test_a_plan_learnt_beside_a_sparse_tensor_is_not_reused_for_a_dense_one():
+    dense = [torch.full((2, 3), float(k)) for k in range(20)]
+    with_sparse = [*dense[:3], torch.zeros(6).to_sparse(), *dense[4:]]
+    plan = stats.NormPlan()
+    with patch.object(stats, "FEW_ON_CPU", 2):
+        assert 3 not in _by_position(stats.norms_by_group(with_sparse, plan))  # a sparse tensor has no norm kernel
+        dense[3] = torch.full((2, 3), math.nan)
+        assert math.isnan(_by_position(stats.norms_by_group(dense, plan))[3])  # checked, not left out by the plan

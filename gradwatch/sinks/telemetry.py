@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from ..stats import FiniteChecks, HostBatch, local_tensors
+from ..stats import FiniteChecks, HostBatch, NormPlan, local_tensors
 from . import Sinks, StepRecord
 
 Getter = Callable[[], list[float]]
@@ -64,9 +64,11 @@ class Telemetry:
         opt_index: int,
         weights: list[torch.Tensor],
         grads: list[torch.Tensor | None],
+        plan: NormPlan | None = None,
     ) -> ScheduledStep:
-        """Schedule a step's statistics on ``batch`` (``weights``: all of the optimizer's; ``grads``: the consumed)."""
-        grad_norms = batch.norms(grads) if self.sinks.wants_norms else None
+        """Schedule a step's statistics on ``batch`` (``weights``: all of the optimizer's; ``grads``: the consumed;
+        ``plan``: how they split for their norms last time)."""
+        grad_norms = batch.norms(grads, plan) if self.sinks.wants_norms else None
         before = self._weights_before.pop(opt_index, None)
         updates = None
         if before is not None and len(before) == len(weights):
