@@ -162,7 +162,13 @@ def test_update_ratios_and_histograms_on_their_schedule(tmp_path):
     assert "update_ratio/2" in acc.Tags()["scalars"]
     histograms = acc.Histograms("grad/0")
     assert [h.step for h in histograms] == [0, 3]
-    assert histograms[0].histogram_value.num == 10 * 4 + 4  # weight and bias of layer 0
+    histogram = histograms[0].histogram_value
+    assert histogram.num == 10 * 4 + 4  # weight and bias of layer 0
+    assert sum(histogram.bucket) == histogram.num
+    # 30 equal-width buckets, as TensorBoard's own summary writes them, and an empty one marking the lowest edge
+    assert len(histogram.bucket) <= 31
+    widths = [b - a for a, b in zip(histogram.bucket_limit, histogram.bucket_limit[1:], strict=False)]
+    assert max(widths) == pytest.approx(min(widths), rel=1e-6)
 
 
 def test_tensorboard_options_are_checked():

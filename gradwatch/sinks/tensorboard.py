@@ -21,6 +21,9 @@ PER_PARAM_LIMIT = 32  # above this many parameters, gradient norms are logged pe
 PER_LAYER_LIMIT = 64  # above this many layers, per contiguous range of layers
 RANGES = 32
 LINE_REFRESH = 100  # a lifecycle line on the backward-pass axis gets a point at least every this many passes
+# equal-width buckets, as TensorBoard's own histogram summary writes them (its dashboard draws 30); the ~1500
+# exponential "tensorflow" buckets of add_histogram's default cost a sort of every value and ~10 KB per histogram
+HISTOGRAM_BUCKETS = 30
 HANDOFF_SECONDS = 1.0  # the scalar events go to the writer's thread at most this often (and at each finding)
 MAX_HELD_EVENTS = 1024  # events held before they are handed over anyway (a loop of more than 1000 steps a second)
 
@@ -195,7 +198,7 @@ class TensorBoardSink(Sink):
             for layer, parts in by_layer.items():
                 values = parts[0] if len(parts) == 1 else numpy.concatenate(parts)
                 if values.size:  # a rank whose shards of a layer are empty (FSDP2) has no histogram of it
-                    self._writer.add_histogram(f"grad/{prefix}{layer}", values, s)
+                    self._writer.add_histogram(f"grad/{prefix}{layer}", values, s, bins=HISTOGRAM_BUCKETS)
         self._write_scalars()
 
     def loss_weights(self, weights: LossWeights) -> None:
