@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
@@ -281,3 +282,26 @@ def test_parameters_per_backward_pass_follow_a_loop_that_reaches_part_of_the_mod
     points = _scalars(_events(tmp_path), "lifecycle/params_per_backward")
     assert _chart(points, range(30)) == reached
     assert len(points) < 30
+
+
+@pytest.mark.parametrize("value", [math.nan, 1e19])
+def test_a_histogram_of_nan_or_all_but_equal_huge_gradients_keeps_the_sink_on(tmp_path, value):
+    """30 equal-width buckets cannot split NaN or a range below the values' own precision: those histograms take
+    TensorBoard's fixed buckets over the finite values (none: no histogram), and the sink goes on."""
+    model, opt = reference_model()
+    options = gradwatch.TensorBoardOptions(histogram_every=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gradwatch.GradientWarning)  # a sink turned off would warn
+        with watch(model, opt, accumulation_steps=ACC, logdir=tmp_path, tensorboard=options, on_finding="record"):
+            opt.zero_grad()
+            for i, (x, y) in enumerate(reference_data()):
+                mse(model, x, y, ACC).backward()
+                if (i + 1) % ACC == 0:
+                    if i == 3:  # the window of step 1
+                        for p in model.parameters():
+                            p.grad.fill_(value)
+                    opt.step()
+                    opt.zero_grad()
+    histograms = _events(tmp_path).Histograms("grad/weight")
+    # NaN: from step 1 on every gradient is NaN (step 1 spread it into the weights), so no histogram of them
+    assert [h.step for h in histograms] == ([0] if math.isnan(value) else [0, 1, 2, 3])

@@ -198,8 +198,18 @@ class TensorBoardSink(Sink):
             for layer, parts in by_layer.items():
                 values = parts[0] if len(parts) == 1 else numpy.concatenate(parts)
                 if values.size:  # a rank whose shards of a layer are empty (FSDP2) has no histogram of it
-                    self._writer.add_histogram(f"grad/{prefix}{layer}", values, s, bins=HISTOGRAM_BUCKETS)
+                    self._histogram(f"grad/{prefix}{layer}", values, s)
         self._write_scalars()
+
+    def _histogram(self, tag: str, values: Any, step: int) -> None:
+        try:
+            self._writer.add_histogram(tag, values, step, bins=HISTOGRAM_BUCKETS)
+            return
+        except ValueError:  # NaN/Inf (no range), or a range numpy cannot split in 30 (huge values all but equal)
+            pass
+        finite = values[numpy.isfinite(values)]  # a histogram cannot hold NaN/Inf (the finding names them)
+        if finite.size:
+            self._writer.add_histogram(tag, finite, step)  # TensorBoard's fixed buckets split any finite range
 
     def loss_weights(self, weights: LossWeights) -> None:
         """The loss-weight audit of one window: 1.0 and 1.0 when every element weighs the same and the weights sum to
