@@ -165,7 +165,9 @@ def config_flag(config: Any, name: str) -> Callable[[], bool]:
     return read
 
 
-_compiled_autograd_config: list[Any] = [None, None]  # torch._dynamo.config and its reader, once imported
+@functools.lru_cache(maxsize=1)
+def _compiled_autograd_flag(config: Any) -> Callable[[], bool]:
+    return config_flag(config, "compiled_autograd")
 
 
 def _compiled_autograd_active() -> bool:
@@ -176,11 +178,7 @@ def _compiled_autograd_active() -> bool:
     ):
         return True
     config = sys.modules.get("torch._dynamo.config")
-    if config is None:
-        return False
-    if _compiled_autograd_config[0] is not config:
-        _compiled_autograd_config[:] = config, config_flag(config, "compiled_autograd")
-    return _compiled_autograd_config[1]()
+    return config is not None and _compiled_autograd_flag(config)()
 
 
 class BackwardGrouper:

@@ -49,11 +49,7 @@ class NormPlan:
         try:
             for stacked, positions in self._parts:
                 group = [tensors[p] for p in positions]
-                if stacked:
-                    norms = torch.linalg.vector_norm(torch.stack(group).reshape(len(group), -1), dim=1)
-                else:
-                    norms = torch.stack(torch._foreach_norm(group))
-                out.append((positions, norms))
+                out.append((positions, _row_norms(group) if stacked else _each_norm(group)))
         except (RuntimeError, TypeError, ValueError):
             self._size = -1
             return None
@@ -80,7 +76,7 @@ def norms_by_group(
     torch._C._set_grad_enabled(False)  # torch.no_grad() without its Python objects: this runs every step
     try:
         if len(tensors) <= FEW_ON_CPU and _one_dense_group(tensors):  # a small model's step: no grouping at all
-            return [(list(range(len(tensors))), torch.stack(torch._foreach_norm(tensors)))]
+            return [(list(range(len(tensors))), _each_norm(tensors))]
         planned = plan.run(tensors) if plan is not None else None
         if planned is not None:
             return planned
@@ -107,6 +103,16 @@ def _split_and_norm(tensors: Sequence[torch.Tensor]) -> list[Part]:
     return [part for pos in groups for part in _group_norms(pos, [tensors[p] for p in pos])]
 
 
+def _each_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of each tensor (one device and dtype), one ``_foreach_norm``."""
+    return torch.stack(torch._foreach_norm(tensors))
+
+
+def _row_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of each tensor (all of one shape), stacked and normed row by row in one kernel."""
+    return torch.linalg.vector_norm(torch.stack(tensors).reshape(len(tensors), -1), dim=1)
+
+
 def _one_dense_group(tensors: Sequence[torch.Tensor]) -> bool:
     first = tensors[0]
     device, dtype = first.device, first.dtype
@@ -121,7 +127,7 @@ FEW_ON_CPU = 16  # up to this many CPU tensors of a group get a kernel each
 def _group_norms(positions: list[int], group: list[torch.Tensor]) -> list[Part]:
     """The norms of one device/dtype group (``positions``: where its tensors are in the caller's list)."""
     if len(group) <= FEW_ON_CPU or group[0].device.type != "cpu":
-        return [(positions, torch.stack(torch._foreach_norm(group)), False)]
+        return [(positions, _each_norm(group), False)]
     by_shape: dict[torch.Size, list[int]] = {}
     for at, t in enumerate(group):
         by_shape.setdefault(t.shape, []).append(at)
@@ -135,11 +141,9 @@ def _group_norms(positions: list[int], group: list[torch.Tensor]) -> list[Part]:
         per = max(2, STACK_LIMIT // max(1, numel))
         for start in range(0, len(ats), per):
             chunk = ats[start : start + per]
-            rows = torch.stack([group[at] for at in chunk]).reshape(len(chunk), -1)
-            out.append(([positions[at] for at in chunk], torch.linalg.vector_norm(rows, dim=1), True))
+            out.append(([positions[at] for at in chunk], _row_norms([group[at] for at in chunk]), True))
     if rest:
-        norms = torch.stack(torch._foreach_norm([group[at] for at in rest]))
-        out.append(([positions[at] for at in rest], norms, False))
+        out.append(([positions[at] for at in rest], _each_norm([group[at] for at in rest]), False))
     return out
 
 
