@@ -224,13 +224,48 @@ def nonfinite_and_zero(
     tensors: Sequence[torch.Tensor], candidates: Sequence[int], plan: NormPlan | None = None
 ) -> tuple[list[int], list[int]]:
     """Positions of the tensors holding NaN/Inf, and of the ``candidates`` that are all zeros: one batched pass
-    and one read (``plan``: see ``NormPlan``)."""
+    and one read (``plan``: see ``NormPlan``); a few small CPU tensors are read directly instead."""
+    on_host = _host_checks(tensors)
+    if on_host is not None:
+        bad, zero = on_host
+        return bad, [p for p in candidates if p in zero]
     read = _read(norms_by_group(tensors, plan))
     if not candidates:
         return _nonfinite(tensors, read), []
     wanted = set(candidates)
     zero = {p for positions, values in read for p, v in zip(positions, values, strict=True) if v == 0.0 and p in wanted}
     return _nonfinite(tensors, read), [p for p in candidates if p in zero]
+
+
+HOST_CHECK_LIMIT = 256  # elements: CPU gradients this small in all are checked in Python, not by norm kernels
+_HOST_READABLE = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
+
+
+def _host_checks(tensors: Sequence[torch.Tensor]) -> tuple[list[int], set[int]] | None:
+    """(positions holding NaN/Inf, positions all zeros), read exactly on the host, when the tensors are dense
+    floating-point CPU tensors of at most ``HOST_CHECK_LIMIT`` elements in all; else None. On a small model's step
+    this is a third of the norm kernels' cost (each CPU kernel's dispatch outweighs reading its few values)."""
+    total = 0
+    for t in tensors:
+        dense = type(t) is torch.Tensor and t.layout is torch.strided
+        if not dense or not t.is_cpu or t.dtype not in _HOST_READABLE:
+            return None
+        total += math.prod(t.shape)
+        if total > HOST_CHECK_LIMIT:
+            return None
+    bad: list[int] = []
+    zero: set[int] = set()
+    for pos, t in enumerate(tensors):
+        values = t.tolist()
+        if values.__class__ is not list:  # a 0-d tensor
+            values = [values]
+        while values and values[0].__class__ is list:  # flatten one dimension at a time
+            values = [v for row in values for v in row]
+        if not all(map(math.isfinite, values)):
+            bad.append(pos)
+        elif not any(values):
+            zero.add(pos)
+    return bad, zero
 
 
 class HostBatch:

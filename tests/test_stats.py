@@ -37,6 +37,38 @@ def test_nonfinite_and_zero_positions_match_one_tensor_at_a_time(specs):
     assert nonfinite_and_zero(tensors, []) == (bad, [])
 
 
+SHAPES = [(), (3,), (1, 10), (2, 3), (2, 2, 2), (0,), (2, 0)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(KINDS), st.sampled_from(DTYPES), st.sampled_from(SHAPES)), max_size=12))
+def test_small_cpu_tensors_checked_on_the_host_agree_with_the_kernels(specs):
+    """Tensors of every rank (0-d and empty too): the host's reading and the norm kernels name the same positions."""
+    tensors = [
+        _tensor(kind, dtype, math.prod(shape)).reshape(shape) if math.prod(shape) else torch.zeros(shape, dtype=dtype)
+        for kind, dtype, shape in specs
+    ]
+    bad = [pos for pos, t in enumerate(tensors) if not torch.isfinite(t).all()]
+    zero = [pos for pos, t in enumerate(tensors) if pos not in bad and not t.any()]
+    everything = list(range(len(tensors)))
+    assert stats._host_checks(tensors) is not None
+    with patch.object(stats, "HOST_CHECK_LIMIT", -1):
+        if tensors:
+            assert stats._host_checks(tensors) is None
+        assert nonfinite_and_zero(tensors, everything) == (bad, zero)
+    assert nonfinite_and_zero(tensors, everything) == (bad, zero)
+    assert nonfinite_and_zero(tensors, everything[::2]) == (bad, [p for p in zero if p % 2 == 0])
+
+
+def test_only_small_dense_floating_point_cpu_tensors_are_read_on_the_host():
+    assert stats._host_checks([torch.ones(stats.HOST_CHECK_LIMIT)]) is not None
+    assert stats._host_checks([torch.ones(stats.HOST_CHECK_LIMIT), torch.ones(1)]) is None  # too many values
+    assert stats._host_checks([torch.sparse_coo_tensor([[0]], [1.0], (3,), check_invariants=True)]) is None
+    assert stats._host_checks([torch.ones(2, dtype=torch.complex64)]) is None
+    assert stats._host_checks([torch.nn.Parameter(torch.ones(2))]) is None  # a subclass (DTensor, say) may differ
+    assert stats._host_checks([torch.tensor([1e-30, 0.0])]) == ([], set())  # tiny, not zero
+
+
 def test_zero_flags_read_in_one_go_per_position_and_per_group():
     grads = [torch.zeros(3), torch.ones(2), torch.zeros(4, dtype=torch.float64)]
     groups = zero_flags(grads)
