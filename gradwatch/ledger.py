@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field, replace
+from itertools import compress
 from typing import Callable, Iterable, Mapping, Sequence
 
 from . import findings as k
@@ -59,6 +60,8 @@ PER_PARAM: tuple[tuple[str, object], ...] = (
     ("held", 0),  # contributions FSDP2 keeps out of .grad (gradient sync off) until the next synced pass
     ("held_first", -1),  # backward index of the first of them
 )
+
+_DEFAULTS = dict(PER_PARAM)
 
 
 class Ledger:
@@ -120,6 +123,10 @@ class Ledger:
             self._land(indices)
         orphans = []
         fresh, owners, received, fresh_last = self.fresh, self.owners, self.received, self.fresh_last
+        if not isinstance(indices, list):
+            indices = list(indices)
+        if len(indices) == len(fresh) and self._book_whole_pass(b):
+            return []
         for i in indices:  # once per parameter per backward pass
             owner = owners[i]
             received[i] = True
@@ -136,6 +143,25 @@ class Ledger:
         if orphans:
             return [Occurrence(k.ORPHAN, tuple(sorted(orphans)), max(self.steps, default=0), b)]
         return []
+
+    def _book_whole_pass(self, b: int) -> bool:
+        """Book pass ``b`` that reached every parameter, all booked to optimizers, with whole-list operations when
+        it opens a window on cleared gradients or adds to a window all of them are in; else False (book each)."""
+        fresh, n = self.fresh, len(self.fresh)
+        if self.owners.count(NO_OWNER):
+            return False
+        if not fresh.count(0):  # a later pass of a window every parameter is in
+            fresh[:] = map((1).__add__, fresh)
+        elif fresh.count(0) == n and self.consumed.count(0) == n:  # the first pass after a clear of all of them
+            for owner in range(len(self.n_fresh)):
+                self.n_fresh[owner] += self.owners.count(owner)
+            self.fresh_first[:] = [b] * n
+            fresh[:] = [1] * n
+            self.received[:] = [True] * n
+        else:
+            return False
+        self.fresh_last[:] = [b] * n
+        return True
 
     def hold(self, indices: Iterable[int]) -> None:
         """The backward pass just booked also contributed to ``indices``, but FSDP2 keeps that contribution out of
@@ -273,8 +299,7 @@ class Ledger:
 
     def has_unconsumed(self, indices: Iterable[int]) -> bool:
         """Whether clearing ``indices`` would drop contributions no step consumed."""
-        fresh = self.fresh
-        return any(fresh[i] for i in indices)
+        return any(map(self.fresh.__getitem__, indices))
 
     def clear(
         self,
@@ -292,6 +317,11 @@ class Ledger:
         only when a drop is kept to be judged later (its finding then points at the clear)."""
         dropped: dict[int, list[int]] = {}
         owners, fresh = self.owners, self.fresh
+        if not isinstance(indices, list):
+            indices = list(indices)
+        if len(indices) == len(fresh) and fresh.count(0) == len(fresh):
+            self._clear_all_consumed()  # the clear after a step, of every parameter: nothing to judge
+            indices = []
         for i in indices:
             owner = owners[i]
             if fresh[i] and owner != NO_OWNER:
@@ -315,6 +345,15 @@ class Ledger:
         for owner, params in dropped.items():
             out += self._judge_drop(owner, params, source, where=where)
         return out
+
+    def _clear_all_consumed(self) -> None:
+        """Every parameter's ``.grad`` emptied while none held fresh contributions: the lists reset whole."""
+        n = len(self.fresh)
+        for name in ("adopted", "consumed", "mixed_at", "nonfinite_at"):
+            values, default = getattr(self, name), _DEFAULTS[name]
+            if values.count(default) != n:
+                values[:] = [default] * n
+        self.uncleared = 0
 
     def cleared_before(self, drops: Sequence[tuple[int, int, int]], source: str) -> list[Occurrence]:
         """Each (parameter, passes, pass b): its ``.grad`` was zeroed before pass ``b``, which dropped its first
@@ -500,9 +539,15 @@ class Ledger:
         if not indices:  # every parameter it holds is booked to another optimizer (overlapping optimizers)
             self.steps[opt] = step + 1
             return []
-        fresh, consumed = self.fresh, self.consumed
-        with_fresh = [i for i in indices if fresh[i]]
-        stale = [i for i in indices if consumed[i] and not fresh[i]]
+        fresh, consumed, mixed_at, nonfinite_at, adopted = (
+            self.fresh,
+            self.consumed,
+            self.mixed_at,
+            self.nonfinite_at,
+            self.adopted,
+        )
+        with_fresh = list(compress(indices, map(fresh.__getitem__, indices)))
+        stale = [i for i in indices if consumed[i] and not fresh[i]] if self.uncleared else []
         out: list[Occurrence] = []
         held = [i for i in indices if self.held[i]] if self.n_held else []
         if held:  # FSDP2 still holds passes made with the sync off: the sync was not back on for the last pass
@@ -512,36 +557,45 @@ class Ledger:
             out.append(Occurrence(k.EMPTY_STEP, tuple(indices), step, b))
         if stale:
             out.append(Occurrence(k.STALE, tuple(stale), step, b))
-        mixed = [i for i in with_fresh if self.mixed_at[i] is not None]
+        # the rare marks, looked for over whole lists in C first: a Python pass over the step's parameters each
+        # costs as much as the rest of the step on a model of many small tensors
+        n = len(fresh)
+        mixed = [i for i in with_fresh if mixed_at[i] is not None] if mixed_at.count(None) != n else []
         if mixed:
-            first_step, first_b = min(self.mixed_at[i] for i in mixed)  # type: ignore[type-var]
+            first_step, first_b = min(mixed_at[i] for i in mixed)  # type: ignore[type-var]
             detail = {"prev_step": first_step - 1}
             out.append(Occurrence(k.UNCLEARED, tuple(mixed), first_step, first_b, detail))
-        nonfinite = [i for i in indices if self.nonfinite_at[i] is not None and (fresh[i] or consumed[i])]
-        if nonfinite:
-            first_step, first_b, last_b = min(self.nonfinite_at[i] for i in nonfinite)  # type: ignore[type-var]
-            where = _passes(first_b, last_b)
-            out.append(Occurrence(k.NON_FINITE, tuple(nonfinite), first_step, first_b, {"where": where}))
-        adopted = [i for i in with_fresh if self.adopted[i] == REPORTED]
-        if adopted:
-            out.append(Occurrence(k.PRE_EXISTING, tuple(adopted), step, b))
+        if nonfinite_at.count(None) != n:
+            nonfinite = [i for i in indices if nonfinite_at[i] is not None and (fresh[i] or consumed[i])]
+            if nonfinite:
+                first_step, first_b, last_b = min(nonfinite_at[i] for i in nonfinite)  # type: ignore[type-var]
+                where = _passes(first_b, last_b)
+                out.append(Occurrence(k.NON_FINITE, tuple(nonfinite), first_step, first_b, {"where": where}))
+        reported = [i for i in with_fresh if adopted[i] == REPORTED] if REPORTED in adopted else []
+        if reported:
+            out.append(Occurrence(k.PRE_EXISTING, tuple(reported), step, b))
         if self.synced and with_fresh:
             out += self._redundant_syncs(opt, with_fresh, step)
         unknown = opt in self.unknown_window
         self.unknown_window.discard(opt)
-        window = max((fresh[i] for i in with_fresh), default=0)
+        window = max([fresh[i] for i in with_fresh]) if with_fresh else 0
         out += self._judge_window(opt, window, tuple(with_fresh), unknown)
         if with_fresh:
             self._book_consumers(opt, with_fresh)
-        for i in with_fresh:
-            if not consumed[i]:
-                self.uncleared += 1
-            consumed[i] += fresh[i]
-            fresh[i] = 0
-            self.adopted[i] = 0
-            self.mixed_at[i] = None
-            if self.fresh_last[i] > self.newest_consumed_backward:
-                self.newest_consumed_backward = self.fresh_last[i]
+            fresh_last = self.fresh_last
+            self.uncleared += len(with_fresh) - sum([1 for i in with_fresh if consumed[i]])
+            for i in with_fresh:
+                consumed[i] += fresh[i]
+                fresh[i] = 0
+            newest = max([fresh_last[i] for i in with_fresh])
+            if newest > self.newest_consumed_backward:
+                self.newest_consumed_backward = newest
+            if adopted.count(0) != n:
+                for i in with_fresh:
+                    adopted[i] = 0
+            if mixed:
+                for i in mixed:
+                    mixed_at[i] = None
         self.n_fresh[opt] = 0
         self.window_nonfinite[opt] = False
         self.clip_pending[opt] = None

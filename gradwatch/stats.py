@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, Callable, Sequence
 
 import torch
@@ -15,8 +16,9 @@ def local_tensors(tensors: Sequence[Any]) -> list[Any]:
     are: the checks run per rank on what the rank holds. Free unless torch.distributed.tensor was imported."""
     module = sys.modules.get("torch.distributed.tensor")
     dtensor = getattr(module, "DTensor", None)
-    if dtensor is None:
-        return list(tensors)
+    tensors = list(tensors)
+    if dtensor is None or not any(map(isinstance, tensors, repeat(dtensor))):
+        return tensors
     return [t.to_local() if isinstance(t, dtensor) else t for t in tensors]
 
 
@@ -48,7 +50,7 @@ class NormPlan:
         out = []
         try:
             for stacked, positions in self._parts:
-                group = [tensors[p] for p in positions]
+                group = list(map(tensors.__getitem__, positions))
                 out.append((positions, _row_norms(group) if stacked else _each_norm(group)))
         except (RuntimeError, TypeError, ValueError):
             self._size = -1
@@ -204,6 +206,8 @@ def _read(groups: list[tuple[list[int], torch.Tensor]]) -> list[tuple[list[int],
 
 
 def _nonfinite(tensors: Sequence[torch.Tensor], read: list[tuple[list[int], list[float]]]) -> list[int]:
+    if all([all(map(math.isfinite, values)) for _, values in read]):
+        return []
     bad = [p for positions, values in read for p, v in zip(positions, values, strict=True) if not math.isfinite(v)]
     return confirm_nonfinite(tensors, sorted(bad)) if bad else []
 
