@@ -62,6 +62,7 @@ PER_PARAM: tuple[tuple[str, object], ...] = (
 )
 
 _DEFAULTS = dict(PER_PARAM)
+WHOLE_LISTS_FROM = 8  # parameters: from this many, a pass or clear reaching all of them updates whole lists
 
 
 class Ledger:
@@ -125,7 +126,7 @@ class Ledger:
         fresh, owners, received, fresh_last = self.fresh, self.owners, self.received, self.fresh_last
         if not isinstance(indices, list):
             indices = list(indices)
-        if len(indices) == len(fresh) and self._book_whole_pass(b):
+        if len(indices) == len(fresh) >= WHOLE_LISTS_FROM and self._book_whole_pass(b):
             return []
         for i in indices:  # once per parameter per backward pass
             owner = owners[i]
@@ -319,7 +320,7 @@ class Ledger:
         owners, fresh = self.owners, self.fresh
         if not isinstance(indices, list):
             indices = list(indices)
-        if len(indices) == len(fresh) and fresh.count(0) == len(fresh):
+        if len(indices) == len(fresh) >= WHOLE_LISTS_FROM and fresh.count(0) == len(fresh):
             self._clear_all_consumed()  # the clear after a step, of every parameter: nothing to judge
             indices = []
         for i in indices:

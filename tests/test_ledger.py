@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import ast
 import pathlib
+from unittest.mock import patch
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gradwatch import findings as k
+from gradwatch import ledger as ledger_module
 from gradwatch.ledger import NO_OWNER, Ledger
 
 
@@ -276,3 +281,38 @@ def test_pending_window_and_booking_a_parameter():
     ledger.clear([0, 1, 2], "zero_grad")
     ledger.adopt([0])  # a gradient of unknown origin: the window's size is unknown
     assert ledger.pending_window(0, [0]) is None
+
+
+EVENTS = st.lists(
+    st.one_of(
+        st.tuples(st.just("backward"), st.sets(st.integers(0, 9))),
+        st.tuples(st.just("step"), st.integers(0, 1)),
+        st.tuples(st.just("clear"), st.sets(st.integers(0, 9))),
+        st.tuples(st.just("nonfinite"), st.integers(0, 9)),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(EVENTS, st.sampled_from([[0] * 10, [0] * 5 + [1] * 5, [0] * 9 + [NO_OWNER]]), st.sampled_from([None, 2]))
+def test_whole_list_booking_leaves_the_ledger_as_booking_each_parameter_does(events, owners, accumulation_steps):
+    """Passes and clears reaching every parameter, booked by whole lists or one parameter at a time: the same
+    findings and the same state, field by field, after every event."""
+    ledgers = [Ledger(owners, 2, accumulation_steps) for _ in range(2)]  # (9 of 10 parameters or more: all 10)
+    for event, arg in events:
+        found = []
+        for whole_lists_from, ledger in zip((1, 1000), ledgers, strict=True):
+            with patch.object(ledger_module, "WHOLE_LISTS_FROM", whole_lists_from):
+                if event == "backward":
+                    found.append(ledger.backward(sorted(arg) if len(arg) < 9 else list(range(10))))
+                elif event == "step":
+                    ledger.step_begin(arg)
+                    found.append(ledger.step_end(arg, [i for i, o in enumerate(owners) if o == arg]))
+                elif event == "clear":
+                    found.append(ledger.clear(sorted(arg) if len(arg) < 9 else list(range(10)), "zero_grad"))
+                elif ledger.owners[arg] != NO_OWNER:
+                    ledger.mark_nonfinite(arg, ledger.steps[ledger.owners[arg]], ledger.backwards - 1)
+        if found:
+            assert found[0] == found[1]
+        assert vars(ledgers[0]) == vars(ledgers[1])

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from unittest.mock import patch
+
+import pytest
 import torch
 from helpers import run_lifecycle_ops, watch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gradwatch import ledger as ledger_module
 from gradwatch.ledger import Ledger
 
 NAMES = ("weight", "bias")
@@ -138,10 +142,14 @@ def _run(ops, accumulation_steps):
     return w
 
 
+@pytest.mark.parametrize("whole_lists_from", [1, ledger_module.WHOLE_LISTS_FROM], ids=["whole-lists", "per-param"])
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(OPS, max_size=14), accumulation_steps=st.sampled_from([None, 1, 2]))
-def test_findings_match_the_reference_rules(ops, accumulation_steps):
-    w = _run(ops, accumulation_steps)
+def test_findings_match_the_reference_rules(ops, accumulation_steps, whole_lists_from):
+    """Both ways of booking a pass or a clear that reaches every parameter: whole lists (models from
+    ``WHOLE_LISTS_FROM`` parameters) and a loop over them (this two-parameter model otherwise)."""
+    with patch.object(ledger_module, "WHOLE_LISTS_FROM", whole_lists_from):
+        w = _run(ops, accumulation_steps)
     ref = ReferenceRules(accumulation_steps)
     for op in ops:
         ref.apply(op)
