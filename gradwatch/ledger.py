@@ -151,9 +151,10 @@ class Ledger:
         fresh, n = self.fresh, len(self.fresh)
         if self.owners.count(NO_OWNER):
             return False
-        if not fresh.count(0):  # a later pass of a window every parameter is in
+        empty = fresh.count(0)
+        if not empty:  # a later pass of a window every parameter is in
             fresh[:] = map((1).__add__, fresh)
-        elif fresh.count(0) == n and self.consumed.count(0) == n:  # the first pass after a clear of all of them
+        elif empty == n and self.consumed.count(0) == n:  # the first pass after a clear of all of them
             for owner in range(len(self.n_fresh)):
                 self.n_fresh[owner] += self.owners.count(owner)
             self.fresh_first[:] = [b] * n
