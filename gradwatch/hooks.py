@@ -170,15 +170,23 @@ def _compiled_autograd_flag(config: Any) -> Callable[[], bool]:
     return config_flag(config, "compiled_autograd")
 
 
+_dynamo_modules: list[Any] = []  # torch._dynamo's compiled_autograd and config modules, once both are imported
+
+
 def _compiled_autograd_active() -> bool:
     """Whether compiled autograd is on (``compiled_autograd._enable`` or ``torch._dynamo.config``)."""
-    compiled_autograd = sys.modules.get("torch._dynamo.compiled_autograd")  # never imported: never enabled
-    if getattr(compiled_autograd, "compiled_autograd_enabled", False) or getattr(
-        compiled_autograd, "in_compiled_autograd_region", False
-    ):
-        return True
-    config = sys.modules.get("torch._dynamo.config")
-    return config is not None and _compiled_autograd_flag(config)()
+    if not _dynamo_modules:
+        compiled_autograd = sys.modules.get("torch._dynamo.compiled_autograd")  # never imported: never enabled
+        config = sys.modules.get("torch._dynamo.config")
+        if compiled_autograd is None or config is None:
+            return config is not None and _compiled_autograd_flag(config)()
+        _dynamo_modules[:] = [compiled_autograd, _compiled_autograd_flag(config)]
+    compiled_autograd, flag = _dynamo_modules
+    return (
+        getattr(compiled_autograd, "compiled_autograd_enabled", False)
+        or getattr(compiled_autograd, "in_compiled_autograd_region", False)
+        or flag()
+    )
 
 
 class BackwardGrouper:
@@ -211,12 +219,18 @@ class BackwardGrouper:
             except Exception as error:  # it runs inside the user's backward(): never let it escape
                 self._receiver.internal_error(error, "backward")
 
-    def record(self, index: int, param: torch.Tensor) -> None:
-        """Hot path: one call per parameter per backward pass."""
-        task = _current_task()
-        if task != self._task:
-            self._enter(task, index, param)
-        self.grads[index] = param.grad
+    def hook_for(self, index: int) -> Callable[[torch.Tensor], None]:
+        """The post-accumulate-grad hook of parameter ``index``: the hot path, one call per parameter per backward
+        pass (a closure: a bound method behind a ``partial`` costs a third more per call)."""
+        grouper = self
+
+        def record(param: torch.Tensor) -> None:
+            task = _current_task()
+            if task != grouper._task:
+                grouper._enter(task, index, param)
+            grouper.grads[index] = param.grad
+
+        return record
 
     def record_held(self, index: int, param: torch.Tensor) -> None:
         """FSDP2 kept this pass's contribution to parameter ``index`` out of its ``.grad`` (gradient sync off)."""
@@ -661,7 +675,7 @@ class HookSet:
                 self.frozen[index] = weakref.ref(param)
                 continue
             self.frozen.pop(index, None)
-            hook = functools.partial(self.grouper.record, index)  # captures no tensor: see module doc
+            hook = self.grouper.hook_for(index)  # captures no tensor: see module doc
             self._handles.append(param.register_post_accumulate_grad_hook(hook))
             if self._contribution_norms:
                 self._handles.append(param.register_hook(functools.partial(self.grouper.record_incoming, index)))

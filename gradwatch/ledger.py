@@ -580,16 +580,23 @@ class Ledger:
             out += self._redundant_syncs(opt, with_fresh, step)
         unknown = opt in self.unknown_window
         self.unknown_window.discard(opt)
-        window = max([fresh[i] for i in with_fresh]) if with_fresh else 0
+        whole = len(with_fresh) == n >= WHOLE_LISTS_FROM  # the step consumes every parameter's window
+        window = max(fresh) if whole else max([fresh[i] for i in with_fresh], default=0)
         out += self._judge_window(opt, window, tuple(with_fresh), unknown)
         if with_fresh:
             self._book_consumers(opt, with_fresh)
             fresh_last = self.fresh_last
-            self.uncleared += len(with_fresh) - sum([1 for i in with_fresh if consumed[i]])
-            for i in with_fresh:
-                consumed[i] += fresh[i]
-                fresh[i] = 0
-            newest = max([fresh_last[i] for i in with_fresh])
+            if whole:
+                self.uncleared += consumed.count(0)
+                consumed[:] = map(int.__add__, consumed, fresh)
+                fresh[:] = [0] * n
+                newest = max(fresh_last)
+            else:
+                self.uncleared += len(with_fresh) - sum([1 for i in with_fresh if consumed[i]])
+                for i in with_fresh:
+                    consumed[i] += fresh[i]
+                    fresh[i] = 0
+                newest = max([fresh_last[i] for i in with_fresh])
             if newest > self.newest_consumed_backward:
                 self.newest_consumed_backward = newest
             if adopted.count(0) != n:

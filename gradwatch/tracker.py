@@ -322,7 +322,7 @@ class Tracker:
         held: Sequence[int] = (),
     ) -> list[Occurrence]:
         ledger = self.ledger
-        contributed: list[int] = []
+        idle: list[int] = []  # reached, nothing accumulated (an undefined incoming gradient)
         cleared: list[int] = []
         # the hot path, one iteration per parameter per backward pass: the ledger's counters read as lists (a method
         # call per parameter would cost as much as the rest of the iteration)
@@ -334,7 +334,8 @@ class Tracker:
             ledger.consumed,
         )
         for i, grad in grads.items():
-            if grad is None:  # an undefined incoming gradient: nothing accumulated
+            if grad is None:
+                idle.append(i)
                 continue
             ref = refs[i]
             version = grad._version
@@ -343,9 +344,13 @@ class Tracker:
                     cleared.append(i)  # .grad was set to None or replaced since we last saw it
                 refs[i] = weakref.ref(grad)
             elif version == versions[i] and not versions_unreliable:
-                continue  # same tensor, untouched: the hook fired for an undefined gradient
+                idle.append(i)  # same tensor, untouched
+                continue
             versions[i] = version
-            contributed.append(i)
+        contributed = list(grads)
+        if idle:
+            skip = set(idle)
+            contributed = [i for i in contributed if i not in skip]
         out = self._clear(cleared, SET_TO_NONE, count=not self._clear_counted) if cleared else []
         self._clear_counted = self._clear_counted or bool(cleared)
         if continuing and not contributed:
@@ -418,12 +423,11 @@ class Tracker:
         for i in mixed:
             del self._zeroed[i]
         out = self._resolve_zeroed_fresh() if self._zeroed_fresh else []
-        consumed, changed = self._scan_after_step(indices, params)
+        consumed, grads, changed = self._scan_after_step(indices, params)
         window = self._loss_window(opt_index, consumed) if self._audit is not None else None
         if self._telemetry is None:
             zero = None
             if not self._check_every_backward:
-                grads = [p.grad for _, p in consumed]
                 bad, zero = nonfinite_and_zero(grads, changed, self._norm_plans[opt_index])  # type: ignore[arg-type]
                 if bad:
                     self._mark_nonfinite([consumed[pos][0] for pos in bad])
@@ -435,7 +439,7 @@ class Tracker:
             booked = ledger.step_end(opt_index, indices)
             self._outbox.findings(out + booked + self._judge_losses(opt_index, window, booked))
             return
-        booked = self._step_with_telemetry(self._telemetry, opt_index, indices, params, consumed, changed)
+        booked = self._step_with_telemetry(self._telemetry, opt_index, indices, params, consumed, grads, changed)
         self._outbox.findings(out + booked + self._judge_losses(opt_index, window, booked))
 
     def _step_with_telemetry(
@@ -445,13 +449,13 @@ class Tracker:
         indices: list[int],
         params: Sequence[torch.Tensor],
         consumed: list[tuple[int, torch.Tensor]],
+        grads: list[torch.Tensor],
         changed: list[int],
     ) -> list[Occurrence]:
         """Book the step and hand its statistics to the sinks; all of them reach the host in one transfer, and the
         gradient norms read for the sinks serve the NaN/Inf check and the hand-zeroed check too."""
         ledger = self.ledger
         batch = HostBatch()
-        grads = [p.grad for _, p in consumed]
         scheduled = telemetry.schedule_step(batch, opt_index, list(params), grads, self._norm_plans[opt_index])
         batch.read()
         norms = scheduled.grad_norms() if scheduled.grad_norms is not None else None
@@ -700,10 +704,11 @@ class Tracker:
 
     def _scan_after_step(
         self, indices: list[int], params: Sequence[torch.Tensor]
-    ) -> tuple[list[tuple[int, torch.Tensor]], list[int]]:
-        """One loop over a step's parameters: the fresh gradients it consumed, the positions among them changed in
-        place since their last pass (zeroed by hand, or clipped), and the versions after the step, of the weights
-        (did the loop move them later?) and of the gradients (changed in place before the next pass or step?)."""
+    ) -> tuple[list[tuple[int, torch.Tensor]], list[torch.Tensor], list[int]]:
+        """One loop over a step's parameters: the (index, parameter) of the fresh gradients it consumed and those
+        gradients, the positions among them changed in place since their last pass (zeroed by hand, or clipped), and
+        the versions after the step, of the weights (did the loop move them later?) and of the gradients (changed in
+        place before the next pass or step?)."""
         versions, grad_versions, refs, fresh = (  # once per parameter per step: the counters read as a list
             self._weight_versions,
             self._grad_versions,
@@ -712,19 +717,22 @@ class Tracker:
         )
         versions_unreliable = self._versions_unreliable
         consumed: list[tuple[int, torch.Tensor]] = []
+        grads: list[torch.Tensor] = []
         changed: list[int] = []
         for i, p in zip(indices, params, strict=True):
             grad = p.grad
             if grad is None:
                 continue
+            version = grad._version
             if fresh[i]:
                 ref = refs[i]
-                if not versions_unreliable and ref is not None and ref() is grad and grad._version != grad_versions[i]:
+                if not versions_unreliable and ref is not None and ref() is grad and version != grad_versions[i]:
                     changed.append(len(consumed))
                 consumed.append((i, p))
+                grads.append(grad)
             versions[i] = p._version
-            grad_versions[i] = grad._version
-        return consumed, changed
+            grad_versions[i] = version
+        return consumed, grads, changed
 
     def _weights_moved(self, indices: list[int]) -> bool:
         """Whether the loop changed any of these weights in place since their optimizer's latest step (SAM's
