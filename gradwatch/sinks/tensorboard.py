@@ -14,6 +14,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from .. import timeline
 from ..findings import Finding
 from . import LossWeights, RunInfo, Sink, StepRecord
+from .records import checksum_with_numpy
 
 TIMELINE_NAME = "gradwatch-timeline.png"
 MAX_HELD_STEPS = 64  # step values whose scalars wait for the end of an optimizer step
@@ -112,6 +113,7 @@ class TensorBoardSink(Sink):
 
         # a queue that takes a second's events at once: with the default 10 the hand-off waits for the writer's CRCs
         self._writer = SummaryWriter(log_dir=os.fspath(logdir), max_queue=2 * MAX_HELD_EVENTS)
+        checksum_with_numpy(self._writer)  # TensorBoard's pure-Python checksum cost more than the rest of the stream
         self.logdir = os.fspath(logdir)
         self.timeline_path: str | None = None
         self._timeline: list[dict] = []  # trace-format events for the picture, bounded
