@@ -182,7 +182,7 @@ def _compiled_autograd_active() -> bool:
             return config is not None and _compiled_autograd_flag(config)()
         _dynamo_modules[:] = [compiled_autograd, _compiled_autograd_flag(config)]
     compiled_autograd, flag = _dynamo_modules
-    return (
+    return bool(
         getattr(compiled_autograd, "compiled_autograd_enabled", False)
         or getattr(compiled_autograd, "in_compiled_autograd_region", False)
         or flag()
@@ -221,7 +221,7 @@ class BackwardGrouper:
 
     def hook_for(self, index: int) -> Callable[[torch.Tensor], None]:
         """The post-accumulate-grad hook of parameter ``index``: the hot path, one call per parameter per backward
-        pass (a closure: a bound method behind a ``partial`` costs a third more per call)."""
+        pass (a closure: about 35 ns a call less than a ``partial`` of a bound method)."""
         grouper = self
 
         def record(param: torch.Tensor) -> None:
