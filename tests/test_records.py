@@ -1,4 +1,4 @@
-"""The event file's record checksums: numpy's CRC-32C against TensorBoard's own, and the records on disk."""
+"""The event file's records: numpy's CRC-32C against TensorBoard's own, and the records on disk."""
 
 from __future__ import annotations
 
@@ -50,14 +50,16 @@ def _records(path):
 
 def test_the_sinks_event_file_holds_tensorboards_checksums(tmp_path, monkeypatch):
     installed = []
-    original = records.checksum_with_numpy
-    monkeypatch.setattr(
-        "gradwatch.sinks.tensorboard.checksum_with_numpy", lambda writer: installed.append(original(writer))
-    )
+
+    def fast_records(writer):
+        installed.append(records.fast_records(writer))
+        return installed[-1]
+
+    monkeypatch.setattr("gradwatch.sinks.tensorboard.fast_records", fast_records)
     model, opt = reference_model()
     with watch(model, opt, accumulation_steps=2, logdir=tmp_path, on_finding="record"):
         reference_loop(model, opt, reference_data(), zero_grad=False)  # a finding: the findings table, a text event
-    assert installed == [True]
+    assert [type(stream) for stream in installed] == [records.RecordStream]
     (path,) = glob.glob(str(tmp_path / "**" / "events.out.tfevents.*"), recursive=True)
     found = _records(path)
     assert max(len(data) for _, _, data, _ in found) > records.CHUNK  # the timeline picture, at least
@@ -72,8 +74,33 @@ def test_a_record_writer_it_does_not_know_is_left_as_it_is(tmp_path):
     try:
         record_writer = writer._get_file_writer().event_writer._async_writer._writer
         record_writer.__class__ = type("OtherRecordWriter", (type(record_writer),), {"write": lambda self, data: None})
-        assert records.checksum_with_numpy(writer) is False
+        assert records.fast_records(writer) is None
         assert "write" not in vars(record_writer)
     finally:
         record_writer.__class__ = record_writer.__class__.__mro__[1]
         writer.close()
+
+
+def test_a_batch_of_events_lands_as_one_record_each_in_order(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(tmp_path))
+    stream = records.fast_records(writer)
+    assert stream is not None
+    events = [
+        Event(summary=Summary(value=[Summary.Value(tag="x", simple_value=s / 2)]), wall_time=1.0 + s, step=s)
+        for s in range(5)
+    ]
+    stream.write([e.SerializeToString() for e in events])
+    stream.write([])  # nothing to hand over: no queue item (the writer's thread would never mark it done)
+    writer.flush()
+    writer.close()
+    (path,) = glob.glob(str(tmp_path / "events.out.tfevents.*"))
+    found = _records(path)[1:]  # after the writer's file-version event
+    assert [data for _, _, data, _ in found] == [e.SerializeToString() for e in events]
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("x")] == [(s, s / 2) for s in range(5)]

@@ -5,6 +5,9 @@ thread: on a small model's loop that took more of the GIL than the rest of the T
 is linear over GF(2), so a record's checksum is the XOR of one table entry per byte, chosen by the byte's value and
 its distance from the end: ``_Tables`` holds those entries for records of up to ``CHUNK`` bytes, and longer ones
 go chunk by chunk. The bytes written are the same as TensorBoard's own writer writes.
+
+A second's worth of events also goes to the writer's thread as one queue item (``RecordStream``) instead of one
+item per event: each item woke the thread, which then took the GIL from the training loop for every event.
 """
 
 from __future__ import annotations
@@ -78,25 +81,45 @@ def masked_crc32c(data: bytes) -> int:
     return (((x >> 15) | (x << 17)) + 0xA282EAD8) & _MASK
 
 
-def checksum_with_numpy(summary_writer: Any) -> bool:
+class Records(list):
+    """Serialized events handed to the writer's thread as one queue item; it frames and checksums each."""
+
+
+class RecordStream:
+    """Hands serialized events to a ``SummaryWriter``'s thread, many at a time."""
+
+    def __init__(self, async_writer: Any) -> None:
+        self._async_writer = async_writer
+
+    def write(self, events: list[bytes]) -> None:
+        if events:  # (the writer's thread marks an item done only if it is truthy)
+            self._async_writer.write(Records(events))
+
+
+def fast_records(summary_writer: Any) -> RecordStream | None:
     """Have ``summary_writer`` (a ``torch.utils.tensorboard.SummaryWriter``) checksum its records with
-    ``masked_crc32c``; False, leaving it as it is, when its record writer is not the one this replaces."""
+    ``masked_crc32c`` and take ``Records``; returns the stream to write those with, or None, leaving the writer as
+    it is, when its record writer is not the one this replaces."""
     global _tables
     from tensorboard.summary.writer.record_writer import RecordWriter
 
     try:
-        record_writer = summary_writer._get_file_writer().event_writer._async_writer._writer
+        async_writer = summary_writer._get_file_writer().event_writer._async_writer
+        record_writer = async_writer._writer
         file = record_writer._writer
     except AttributeError:
-        return False
+        return None
     if type(record_writer).write is not RecordWriter.write:
-        return False
+        return None
     if _tables is None:
         _tables = _Tables()  # built here, before the writer's thread checksums anything with it
 
-    def write(data: bytes) -> None:  # RecordWriter.write: length, its checksum, the data, its checksum
+    def frame(data: bytes) -> bytes:  # RecordWriter.write's record: length, its checksum, the data, its checksum
         header = struct.pack("<Q", len(data))
-        file.write(header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data)))
+        return header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data))
+
+    def write(data: bytes | Records) -> None:
+        file.write(b"".join(map(frame, data)) if isinstance(data, Records) else frame(data))
 
     record_writer.write = write
-    return True
+    return RecordStream(async_writer)

@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy
+from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import Summary
 
 from .. import timeline
 from ..findings import Finding
 from . import LossWeights, RunInfo, Sink, StepRecord
-from .records import checksum_with_numpy
+from .records import fast_records
 
 TIMELINE_NAME = "gradwatch-timeline.png"
 MAX_HELD_STEPS = 64  # step values whose scalars wait for the end of an optimizer step
@@ -113,7 +114,7 @@ class TensorBoardSink(Sink):
 
         # a queue that takes a second's events at once: with the default 10 the hand-off waits for the writer's CRCs
         self._writer = SummaryWriter(log_dir=os.fspath(logdir), max_queue=2 * MAX_HELD_EVENTS)
-        checksum_with_numpy(self._writer)  # TensorBoard's pure-Python checksum cost more than the rest of the stream
+        self._records = fast_records(self._writer)  # see records.py: TensorBoard's own path cost most of the stream
         self.logdir = os.fspath(logdir)
         self.timeline_path: str | None = None
         self._timeline: list[dict] = []  # trace-format events for the picture, bounded
@@ -278,6 +279,11 @@ class TensorBoardSink(Sink):
         clock = time.monotonic()
         if now or clock - self._handed_off >= HANDOFF_SECONDS or len(self._events) >= MAX_HELD_EVENTS:
             events, self._events, self._handed_off = self._events, [], clock
+            if self._records is not None:  # one queue item (FileWriter.add_summary's events, serialized here)
+                self._records.write(
+                    [Event(summary=summary, wall_time=t, step=step).SerializeToString() for summary, step, t in events]
+                )
+                return
             file_writer = self._writer._get_file_writer()
             for summary, step, wall_time in events:
                 file_writer.add_summary(summary, step, wall_time)
