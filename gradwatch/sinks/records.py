@@ -101,13 +101,13 @@ def fast_records(summary_writer: Any) -> RecordStream | None:
     ``masked_crc32c`` and take ``Records``; returns the stream to write those with, or None, leaving the writer as
     it is, when its record writer is not the one this replaces."""
     global _tables
-    from tensorboard.summary.writer.record_writer import RecordWriter
-
     try:
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
         async_writer = summary_writer._get_file_writer().event_writer._async_writer
         record_writer = async_writer._writer
         file = record_writer._writer
-    except AttributeError:
+    except (AttributeError, ImportError):  # another TensorBoard layout: its own path stays
         return None
     if type(record_writer).write is not RecordWriter.write:
         return None
