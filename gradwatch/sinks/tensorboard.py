@@ -112,7 +112,8 @@ class TensorBoardSink(Sink):
     def __init__(self, logdir: str | os.PathLike[str], options: TensorBoardOptions | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        # a queue that takes a second's events at once: with the default 10 the hand-off waits for the writer's CRCs
+        # where fast_records cannot take over, the events go one queue item each: a queue that takes a second's
+        # worth, else (the default 10) the hand-off waits for the writer's checksums
         self._writer = SummaryWriter(log_dir=os.fspath(logdir), max_queue=2 * MAX_HELD_EVENTS)
         self._records = fast_records(self._writer)  # see records.py: TensorBoard's own path cost most of the stream
         self.logdir = os.fspath(logdir)
