@@ -20,6 +20,7 @@ import torch
 from .findings import GradientBugError
 from .fsdp2 import held_pass_patch, sync_off_patch
 from .loss_audit import LOSS_ARGUMENTS
+from .stats import host_norm, host_values
 
 LOSS_FUNCTIONS = tuple(LOSS_ARGUMENTS)
 
@@ -45,7 +46,7 @@ class Receiver(Protocol):
 
     def on_backward_start(self, index: int, param: torch.Tensor) -> None: ...
     def on_backward_end(
-        self, grads: dict[int, torch.Tensor | None], incoming: dict[int, torch.Tensor], held: list[int]
+        self, grads: dict[int, torch.Tensor | None], incoming: dict[int, torch.Tensor | float], held: list[int]
     ) -> None: ...
     def on_step_pre(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None: ...
     def on_step_post(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None: ...
@@ -207,13 +208,19 @@ class BackwardGrouper:
         self._awaiting_root = False  # the pass began in a nested task; its outer task is not known yet
         self._task: int | None = None
         self.grads: dict[int, torch.Tensor | None] = {}
-        self.incoming: dict[int, torch.Tensor] = {}  # contribution norms, on the device (TensorBoard only)
+        # contribution norms (TensorBoard only): on the device, or read already for a small CPU gradient
+        self.incoming: dict[int, torch.Tensor | float] = {}
         self.held: list[int] = []  # parameters whose contribution FSDP2 kept out of .grad (sync off)
 
     def record_incoming(self, index: int, grad: torch.Tensor | None) -> None:
-        """Tensor pre-hook: the norm of the gradient about to be accumulated (kept on the device, not the grad)."""
+        """Tensor pre-hook: the norm of the gradient about to be accumulated (kept on the device, not the grad; a
+        small CPU gradient's read now, cheaper than a kernel)."""
         if grad is not None and self._receiver.measuring_contributions and grad.layout is torch.strided:
             try:
+                on_host = host_values((grad,))
+                if on_host is not None:
+                    self.incoming[index] = host_norm(on_host[0])
+                    return
                 with torch.no_grad():
                     self.incoming[index] = torch.linalg.vector_norm(grad)
             except Exception as error:  # it runs inside the user's backward(): never let it escape

@@ -245,26 +245,45 @@ HOST_CHECK_LIMIT = 256  # elements: CPU gradients this small in all are checked 
 _HOST_READABLE = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
 
 
-def _host_checks(tensors: Sequence[torch.Tensor]) -> tuple[list[int], set[int]] | None:
-    """(positions holding NaN/Inf, positions all zeros), read exactly on the host, when the tensors are dense
-    floating-point CPU tensors of at most ``HOST_CHECK_LIMIT`` elements in all; else None. On a small model's step
-    this is a third of the norm kernels' cost (each CPU kernel's dispatch outweighs reading its few values)."""
+def host_values(tensors: Sequence[torch.Tensor], limit: int | None = None) -> list[list[float]] | None:
+    """Each tensor's values as a flat list of floats, read on the host, when the tensors are dense floating-point
+    CPU tensors of at most ``limit`` (default ``HOST_CHECK_LIMIT``) elements in all; else None (a subclass, sparse,
+    complex or larger: kernels). On the CPU a kernel's dispatch outweighs reading a few values."""
+    limit = HOST_CHECK_LIMIT if limit is None else limit
     total = 0
     for t in tensors:
         dense = type(t) is torch.Tensor and t.layout is torch.strided
         if not dense or not t.is_cpu or t.dtype not in _HOST_READABLE:
             return None
         total += math.prod(t.shape)
-        if total > HOST_CHECK_LIMIT:
+        if total > limit:
             return None
-    bad: list[int] = []
-    zero: set[int] = set()
-    for pos, t in enumerate(tensors):
+    out = []
+    for t in tensors:
         values = t.tolist()
         if values.__class__ is not list:  # a 0-d tensor
             values = [values]
         while values and values[0].__class__ is list:  # flatten one dimension at a time
             values = [v for row in values for v in row]
+        out.append(values)
+    return out
+
+
+def host_norm(values: list[float]) -> float:
+    """The 2-norm of values read by ``host_values`` (in float64: it cannot overflow where float32 would)."""
+    return math.hypot(*values)
+
+
+def _host_checks(tensors: Sequence[torch.Tensor]) -> tuple[list[int], set[int]] | None:
+    """(positions holding NaN/Inf, positions all zeros), read exactly on the host, when the tensors are dense
+    floating-point CPU tensors of at most ``HOST_CHECK_LIMIT`` elements in all; else None. On a small model's step
+    this is a third of the norm kernels' cost (each CPU kernel's dispatch outweighs reading its few values)."""
+    read = host_values(tensors)
+    if read is None:
+        return None
+    bad: list[int] = []
+    zero: set[int] = set()
+    for pos, values in enumerate(read):
         if not all(map(math.isfinite, values)):
             bad.append(pos)
         elif not any(values):
@@ -282,9 +301,15 @@ class HostBatch:
     def norms(self, tensors: Sequence[torch.Tensor | None], plan: NormPlan | None = None) -> Callable[[], list[float]]:
         """Schedule the 2-norm of each tensor (0.0 for None or sparse); the getter works after ``read()``."""
         present = [(pos, t) for pos, t in enumerate(tensors) if t is not None]
+        size = len(tensors)
+        on_host = host_values([t for _, t in present])
+        if on_host is not None:  # a small model's CPU gradients: read now, no kernels
+            norms = [0.0] * size
+            for (pos, _), values in zip(present, on_host, strict=True):
+                norms[pos] = host_norm(values)
+            return lambda: norms
         groups = norms_by_group([t for _, t in present], plan)
         slots = [(positions, self._add(norms)) for positions, norms in groups]
-        size = len(tensors)
 
         def get() -> list[float]:
             values = [0.0] * size

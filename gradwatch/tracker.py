@@ -159,7 +159,7 @@ class Tracker:
     def on_backward_end(
         self,
         grads: dict[int, torch.Tensor | None],
-        incoming: dict[int, torch.Tensor] | None = None,
+        incoming: dict[int, torch.Tensor | float] | None = None,
         held: Sequence[int] = (),
     ) -> None:
         """One backward pass finished; ``grads`` maps each parameter it reached to its ``.grad``, ``incoming``
@@ -317,7 +317,7 @@ class Tracker:
     def _book_pass(
         self,
         grads: dict[int, torch.Tensor | None],
-        incoming: dict[int, torch.Tensor] | None,
+        incoming: dict[int, torch.Tensor | float] | None,
         continuing: bool,
         held: Sequence[int] = (),
     ) -> list[Occurrence]:

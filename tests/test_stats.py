@@ -88,6 +88,28 @@ def test_host_batch_reads_norms_and_vectors_together():
     assert vector() == [0.5, 2.0]
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(KINDS), st.sampled_from(DTYPES), st.sampled_from(SHAPES)), max_size=8))
+def test_host_batch_norms_of_small_cpu_tensors_read_on_the_host_agree_with_the_kernels(specs):
+    """A small model's norms are read on the host (no kernel): the kernels' values, NaN/Inf where they hold it."""
+    tensors = [
+        _tensor(kind, dtype, math.prod(shape)).reshape(shape) if math.prod(shape) else torch.zeros(shape, dtype=dtype)
+        for kind, dtype, shape in specs
+    ]
+    on_host = HostBatch()
+    host_norms = on_host.norms(tensors)
+    assert host_norms() is not None  # read already, before the batch is
+    with patch.object(stats, "HOST_CHECK_LIMIT", -1):
+        on_device = HostBatch()
+        kernel_norms = on_device.norms(tensors)
+        on_device.read()
+    for host, kernel, t in zip(host_norms(), kernel_norms(), tensors, strict=True):
+        if torch.isfinite(t).all():
+            assert host == pytest.approx(kernel, rel=1e-2 if t.dtype in (torch.float16, torch.bfloat16) else 1e-5)
+        else:
+            assert not math.isfinite(host)
+
+
 def test_finite_checks_name_the_pass_and_the_parameter():
     checks = FiniteChecks()
     checks.add(0, (0,), [10, 11], [torch.ones(2), torch.ones(2)])

@@ -364,7 +364,9 @@ def test_context_manager_detaches():
     assert repr(w).startswith("<gradwatch.Watcher detached")
 
 
-def test_an_error_in_the_contribution_pre_hook_is_contained(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["kernel", "host"])
+def test_an_error_in_the_contribution_pre_hook_is_contained(tmp_path, monkeypatch, where):
+    """The norm of a gradient on the device (a kernel) or, for a small CPU one, read on the host."""
     model, opt = reference_model()
 
     def broken(*args, **kwargs):
@@ -373,7 +375,11 @@ def test_an_error_in_the_contribution_pre_hook_is_contained(tmp_path, monkeypatc
     options = gradwatch.TensorBoardOptions(contribution_every=1)
     with pytest.warns(GradientWarning, match="stopped checking after an internal error in backward"):
         w = watch(model, opt, logdir=tmp_path, tensorboard=options)
-        monkeypatch.setattr(torch.linalg, "vector_norm", broken)
+        if where == "kernel":
+            monkeypatch.setattr(gradwatch.stats, "HOST_CHECK_LIMIT", -1)
+            monkeypatch.setattr(torch.linalg, "vector_norm", broken)
+        else:
+            monkeypatch.setattr(gradwatch.hooks, "host_norm", broken)
         reference_loop(model, opt, reference_data())  # the user's backward() calls do not raise
         monkeypatch.undo()
         w.detach()

@@ -36,7 +36,8 @@ class Telemetry:
         self.sinks = sinks
         self.measuring_contributions = sinks.contributions_due(0)  # read by the contribution pre-hooks
         self._weights_before: dict[int, list[torch.Tensor]] = {}  # copies for update ratios, one step long
-        self._contributions: list[tuple[int, list[int], torch.Tensor]] = []  # per backward, read at the step
+        # per backward, read at the step: norms on the device, or read already (small CPU gradients)
+        self._contributions: list[tuple[int, list[int], torch.Tensor | list[float]]] = []
 
     def before_step(self, opt_index: int, step: int, weights: list[torch.Tensor]) -> None:
         """Copy the weights when this step's update ratio is due."""
@@ -45,16 +46,25 @@ class Telemetry:
                 self._weights_before[opt_index] = torch._foreach_mul(local_tensors([w.detach() for w in weights]), 1.0)
 
     def backward(
-        self, backward: int, params: list[int], synced: bool | None, incoming: dict[int, torch.Tensor] | None
+        self,
+        backward: int,
+        params: list[int],
+        synced: bool | None,
+        incoming: dict[int, torch.Tensor | float] | None,
     ) -> None:
-        """A backward pass was booked; ``incoming``: the device norms of what it added, by parameter."""
+        """A backward pass was booked; ``incoming``: the norms of what it added, by parameter (device tensors, or
+        floats already read)."""
         self.sinks.backward(backward, params, synced)
         measured = [i for i in params if i in incoming] if incoming else []
         if measured:
             norms = [incoming[i] for i in measured]  # type: ignore[index]
-            if len({n.dtype for n in norms}) > 1 or len({n.device for n in norms}) > 1:
-                norms = [n.float().cpu() for n in norms]
-            self._contributions.append((backward, measured, torch.stack(norms)))
+            if all(n.__class__ is float for n in norms):
+                self._contributions.append((backward, measured, norms))  # type: ignore[arg-type]
+            else:
+                tensors = [torch.tensor(n) if n.__class__ is float else n for n in norms]
+                if len({n.dtype for n in tensors}) > 1 or len({n.device for n in tensors}) > 1:
+                    tensors = [n.float().cpu() for n in tensors]
+                self._contributions.append((backward, measured, torch.stack(tensors)))
             if len(self._contributions) >= FiniteChecks.max_pending:
                 self.flush()
 
@@ -112,11 +122,18 @@ class Telemetry:
 
     def _schedule_contributions(self, batch: HostBatch) -> list[tuple[int, list[int], Getter]]:
         queued, self._contributions = self._contributions, []
-        return [(backward, indices, batch.vector(norms)) for backward, indices, norms in queued]
+        return [
+            (backward, indices, batch.vector(norms) if isinstance(norms, torch.Tensor) else _getter(norms))
+            for backward, indices, norms in queued
+        ]
 
     def _send_contributions(self, scheduled: list[tuple[int, list[int], Getter]]) -> None:
         for backward, indices, get in scheduled:
             self.sinks.contributions(backward, indices, get())
+
+
+def _getter(values: list[float]) -> Getter:
+    return lambda: values
 
 
 def _host_values(grad: torch.Tensor) -> list[float] | object:

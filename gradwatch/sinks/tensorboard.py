@@ -206,14 +206,19 @@ class TensorBoardSink(Sink):
         self._write_scalars()
 
     def _histogram(self, tag: str, values: Any, step: int) -> None:
+        """``add_histogram``'s summary, held with the scalars (an event handed to the writer's thread on its own
+        wakes it, and the thread took the GIL from the loop for several times the histogram's own cost)."""
+        from torch.utils.tensorboard.summary import histogram as histogram_summary
+
         try:
-            self._writer.add_histogram(tag, values, step, bins=HISTOGRAM_BUCKETS)
-            return
+            summary = histogram_summary(tag, values, HISTOGRAM_BUCKETS)
         except ValueError:  # NaN/Inf (no range), or a range numpy cannot split in 30 (huge values all but equal)
-            pass
-        finite = values[numpy.isfinite(values)]  # a histogram cannot hold NaN/Inf (the finding names them)
-        if finite.size:
-            self._writer.add_histogram(tag, finite, step)  # TensorBoard's fixed buckets split any finite range
+            finite = values[numpy.isfinite(values)]  # a histogram cannot hold NaN/Inf (the finding names them)
+            if not finite.size:
+                return
+            summary = histogram_summary(tag, finite, self._writer.default_bins)  # add_histogram's "tensorflow"
+            # buckets: fixed, they split any finite range
+        self._events.append((summary, step, time.time()))
 
     def loss_weights(self, weights: LossWeights) -> None:
         """The loss-weight audit of one window: 1.0 and 1.0 when every element weighs the same and the weights sum to
