@@ -104,3 +104,48 @@ def test_a_batch_of_events_lands_as_one_record_each_in_order(tmp_path):
     acc = EventAccumulator(str(tmp_path))
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("x")] == [(s, s / 2) for s in range(5)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(-(2**63), 2**63 - 1),
+    st.one_of(st.just(0.0), st.floats(min_value=0.0, max_value=4e9)),
+    st.lists(st.tuples(st.text(min_size=1, max_size=300), st.floats()), min_size=1, max_size=6),
+)
+def test_scalar_events_are_the_bytes_protobuf_serializes(step, wall_time, values):
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    encoder = records.ScalarEncoder()
+    ours = encoder.event(step, wall_time, [encoder.value(tag, v) for tag, v in values])
+    summary = Summary(value=[Summary.Value(tag=tag, simple_value=v) for tag, v in values])
+    assert ours == Event(wall_time=wall_time, step=step, summary=summary).SerializeToString()
+
+
+def _scalars(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}, {
+        tag: [e.step for e in acc.Histograms(tag)] for tag in acc.Tags()["histograms"]
+    }
+
+
+def test_without_the_fast_path_the_same_events_reach_tensorboard(tmp_path, monkeypatch):
+    """A TensorBoard whose record writer fast_records does not know gets the same scalars and histograms through its
+    own writer."""
+    import gradwatch
+
+    options = gradwatch.TensorBoardOptions(histogram_every=2, update_ratio_every=2, contribution_every=2)
+    logged = []
+    for name, fast in (("fast", records.fast_records), ("own", lambda writer: None)):
+        monkeypatch.setattr("gradwatch.sinks.tensorboard.fast_records", fast)
+        model, opt = reference_model()
+        with watch(model, opt, accumulation_steps=2, logdir=tmp_path / name, tensorboard=options, on_finding="record"):
+            reference_loop(model, opt, reference_data(), zero_grad=False)  # a finding too
+        logged.append(_scalars(tmp_path / name))
+    (scalars, histograms), (own_scalars, own_histograms) = logged
+    assert "grad_norm/weight" in scalars and "update_ratio/weight" in scalars and "contribution_norm/weight" in scalars
+    assert histograms["grad/weight"] == [0, 2]
+    assert (own_scalars, own_histograms) == (scalars, histograms)

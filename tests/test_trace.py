@@ -6,10 +6,25 @@ import json
 
 import pytest
 from helpers import mse, reference_data, reference_loop, reference_model, watch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import gradwatch
 from gradwatch import GradientWarning
+from gradwatch.sinks import trace as trace_module
 from gradwatch.sinks.trace import TraceSink
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.text(max_size=8), JSON, max_size=6))
+def test_a_trace_line_is_what_json_dumps_writes(record):
+    assert trace_module._encode(record) == json.dumps(record, separators=(",", ":"))
 
 
 def _missing_zero_grad_run(trace, at_first_finding=None):

@@ -7,7 +7,9 @@ its distance from the end: ``_Tables`` holds those entries for records of up to 
 go chunk by chunk. The bytes written are the same as TensorBoard's own writer writes.
 
 A second's worth of events also goes to the writer's thread as one queue item (``RecordStream``) instead of one
-item per event: each item woke the thread, which then took the GIL from the training loop for every event.
+item per event: each item woke the thread, which then took the GIL from the training loop for every event. The
+scalar events themselves are encoded here (``ScalarEncoder``), byte for byte as protobuf serializes them, at a
+fraction of the cost of building and serializing the messages.
 """
 
 from __future__ import annotations
@@ -79,6 +81,52 @@ def masked_crc32c(data: bytes) -> int:
     """The masked CRC-32C that TFRecord files (TensorBoard's event files) store."""
     x = crc32c(data)
     return (((x >> 15) | (x << 17)) + 0xA282EAD8) & _MASK
+
+
+_DOUBLE = struct.Struct("<d")
+_FLOAT = struct.Struct("<f")
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _float32(value: float) -> bytes:
+    try:
+        return _FLOAT.pack(value)
+    except OverflowError:  # beyond float32: protobuf stores it as infinity
+        return _FLOAT.pack(float("inf") if value > 0 else float("-inf"))
+
+
+class ScalarEncoder:
+    """Serialized ``Event``s of scalar summaries: what ``Event(wall_time=t, step=s, summary=Summary(value=[
+    Summary.Value(tag=tag, simple_value=v), ...])).SerializeToString()`` returns, built from cached bytes per tag."""
+
+    def __init__(self) -> None:
+        self._prefixes: dict[str, bytes] = {}
+
+    def value(self, tag: str, value: float) -> bytes:
+        """One ``Summary.Value`` as it sits in a ``Summary`` (field 1, length-delimited)."""
+        prefix = self._prefixes.get(tag)
+        if prefix is None:
+            name = tag.encode("utf-8")
+            inner = b"\x0a" + _varint(len(name)) + name + b"\x15"  # tag (1, string), simple_value (2, float)
+            prefix = self._prefixes[tag] = b"\x0a" + _varint(len(inner) + 4) + inner
+        return prefix + _float32(value)
+
+    @staticmethod
+    def event(step: int, wall_time: float, values: list[bytes]) -> bytes:
+        """An ``Event`` (wall_time: field 1, step: 2, summary: 5) holding the ``values``."""
+        summary = b"".join(values)
+        head = b"\x09" + _DOUBLE.pack(wall_time) if wall_time else b""  # proto3 leaves zeros out
+        if step:
+            head += b"\x10" + _varint(step if step > 0 else step + (1 << 64))
+        return head + b"\x2a" + _varint(len(summary)) + summary
 
 
 class Records(list):

@@ -10,12 +10,11 @@ from typing import Any, Sequence
 
 import numpy
 from tensorboard.compat.proto.event_pb2 import Event
-from tensorboard.compat.proto.summary_pb2 import Summary
 
 from .. import timeline
 from ..findings import Finding
 from . import LossWeights, RunInfo, Sink, StepRecord
-from .records import fast_records
+from .records import ScalarEncoder, fast_records
 
 TIMELINE_NAME = "gradwatch-timeline.png"
 MAX_HELD_STEPS = 64  # step values whose scalars wait for the end of an optimizer step
@@ -125,9 +124,10 @@ class TensorBoardSink(Sink):
         self._n_optimizers = 1
         self._clears = 0
         self._findings: list[Finding] = []
-        self._scalars: dict[int, list[Any]] = {}  # scalars by their step, written as one event per step value
+        self._scalars: dict[int, list[bytes]] = {}  # scalars by their step, written as one event per step value
+        self._encoder = ScalarEncoder()
         self._lines: dict[str, Polyline] = {}  # the lifecycle series on the backward-pass axis
-        self._events: list[tuple[Summary, int, float]] = []  # (summary, step, wall time) not handed off yet
+        self._events: list[bytes] = []  # serialized events not handed off yet
         self._handed_off = time.monotonic()
 
     def started(self, info: RunInfo) -> None:
@@ -218,7 +218,7 @@ class TensorBoardSink(Sink):
                 return
             summary = histogram_summary(tag, finite, self._writer.default_bins)  # add_histogram's "tensorflow"
             # buckets: fixed, they split any finite range
-        self._events.append((summary, step, time.time()))
+        self._events.append(Event(summary=summary, wall_time=time.time(), step=step).SerializeToString())
 
     def loss_weights(self, weights: LossWeights) -> None:
         """The loss-weight audit of one window: 1.0 and 1.0 when every element weighs the same and the weights sum to
@@ -257,7 +257,7 @@ class TensorBoardSink(Sink):
     def _scalar(self, tag: str, value: float, step: int) -> None:
         """A scalar, held until the optimizer step ends: all the scalars of one step value go out as one event
         (one ``add_scalar`` event per value cost several times the bare step on small models)."""
-        self._scalars.setdefault(step, []).append(Summary.Value(tag=tag, simple_value=float(value)))
+        self._scalars.setdefault(step, []).append(self._encoder.value(tag, float(value)))
         if len(self._scalars) > MAX_HELD_STEPS:  # backward passes and no step: do not hold them for ever
             self._write_scalars()
 
@@ -278,21 +278,20 @@ class TensorBoardSink(Sink):
         or when a second has passed since the last time: its pure-Python CRC, woken for every event, took the
         GIL from the training loop for several times the event's own cost."""
         pending, self._scalars = self._scalars, {}
-        wall_time = time.time()
-        self._events += [(Summary(value=values), step, wall_time) for step, values in pending.items()]
+        wall_time, event = time.time(), self._encoder.event
+        self._events += [event(step, wall_time, values) for step, values in pending.items()]
         if not self._events:
             return
         clock = time.monotonic()
         if now or clock - self._handed_off >= HANDOFF_SECONDS or len(self._events) >= MAX_HELD_EVENTS:
             events, self._events, self._handed_off = self._events, [], clock
             if self._records is not None:  # one queue item (FileWriter.add_summary's events, serialized here)
-                self._records.write(
-                    [Event(summary=summary, wall_time=t, step=step).SerializeToString() for summary, step, t in events]
-                )
+                self._records.write(events)
                 return
             file_writer = self._writer._get_file_writer()
-            for summary, step, wall_time in events:
-                file_writer.add_summary(summary, step, wall_time)
+            for data in events:
+                parsed = Event.FromString(data)
+                file_writer.add_event(parsed, parsed.step, parsed.wall_time)
 
     def finished(self, findings: Sequence[Finding], backwards: int, steps: Sequence[int]) -> None:
         self._end_lines()
