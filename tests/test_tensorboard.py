@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import gradwatch
+from gradwatch.sinks.telemetry import gradient_histograms
 from gradwatch.sinks.tensorboard import Polyline
 
 ACC = 2
@@ -284,10 +285,50 @@ def test_parameters_per_backward_pass_follow_a_loop_that_reaches_part_of_the_mod
     assert len(points) < 30
 
 
+def _numpy_histogram(values, buckets=30):
+    from torch.utils.tensorboard.summary import make_histogram
+
+    return make_histogram(values.double().numpy(), buckets)
+
+
+@pytest.mark.parametrize("by_comparison", [False, True])
+def test_histograms_are_counted_on_the_device_as_numpy_counts_them(by_comparison):
+    """One histogram per group (two parameters in one): its buckets, range and sums as TensorBoard's own histogram
+    of the values computes them on the host (a value on a bucket's edge may land on either side: numpy corrects
+    rounding there, the kernels do not). ``by_comparison``: the deterministic path CUDA takes when histc has none."""
+    g = torch.Generator().manual_seed(3)
+    grads = {0: torch.randn(40, 30, generator=g), 1: torch.randn(30, generator=g) * 3, 2: torch.rand(7, generator=g)}
+    histograms = gradient_histograms(grads, ["layer", "layer", "other"], 30, by_comparison=by_comparison)
+    assert set(histograms) == {"layer", "other"}
+    for name, values in (("layer", torch.cat([grads[0].reshape(-1), grads[1]])), ("other", grads[2])):
+        ours, theirs = histograms[name], _numpy_histogram(values)
+        assert (ours.num, ours.min, ours.max) == (theirs.num, theirs.min, theirs.max)
+        assert (ours.sum, ours.sum_squares) == pytest.approx((theirs.sum, theirs.sum_squares), rel=1e-5)
+        assert ours.limits == pytest.approx(list(theirs.bucket_limit), rel=1e-9)
+        assert sum(abs(a - b) for a, b in zip(ours.counts, theirs.bucket, strict=True)) <= 2
+        assert sum(ours.counts) == ours.num
+
+
+def test_histograms_leave_nan_and_inf_out_and_take_every_dtype():
+    grads = {
+        0: torch.tensor([1.0, math.nan, 2.0, -math.inf]),
+        1: torch.full((3,), math.nan),  # nothing finite: no histogram
+        2: torch.full((4,), 7.0, dtype=torch.bfloat16),  # one value: a bucket of width 1 around it, as numpy's
+        3: torch.tensor([1 + 2j, 3 - 1j]),  # real and imaginary parts
+    }
+    histograms = gradient_histograms(grads, ["a", "b", "c", "d"], 30)
+    assert set(histograms) == {"a", "c", "d"}
+    assert (histograms["a"].num, histograms["a"].min, histograms["a"].max, histograms["a"].sum) == (2, 1.0, 2.0, 3.0)
+    c = histograms["c"]
+    assert (c.num, c.min, c.max) == (4, 7.0, 7.0)
+    assert c.limits == pytest.approx(list(_numpy_histogram(torch.full((4,), 7.0)).bucket_limit))
+    assert (histograms["d"].num, histograms["d"].min, histograms["d"].max) == (4, -1.0, 3.0)
+
+
 @pytest.mark.parametrize("value", [math.nan, 1e19])
 def test_a_histogram_of_nan_or_all_but_equal_huge_gradients_keeps_the_sink_on(tmp_path, value):
-    """30 equal-width buckets cannot split NaN or a range below the values' own precision: those histograms take
-    TensorBoard's fixed buckets over the finite values (none: no histogram), and the sink goes on."""
+    """30 equal-width buckets cannot split NaN or a range below the values' own precision: NaN is left out (nothing
+    left: no histogram), and a range too narrow takes one bucket; the sink goes on."""
     model, opt = reference_model()
     options = gradwatch.TensorBoardOptions(histogram_every=1)
     with warnings.catch_warnings():

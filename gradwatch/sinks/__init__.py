@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from ..findings import Finding
 
@@ -18,6 +18,20 @@ class RunInfo:
     accumulation_steps: int | None
     rank: int | None = None  # under torch.distributed with more than one process
     world_size: int | None = None
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """The finite values of one group of gradients as TensorBoard's histogram holds them: equal-width buckets,
+    ``limits`` the right edge of each of ``counts`` (the first, empty, marks the left edge)."""
+
+    min: float
+    max: float
+    num: int
+    sum: float
+    sum_squares: float
+    limits: tuple[float, ...]
+    counts: tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -35,8 +49,8 @@ class StepRecord:
     updated: tuple[int, ...] = ()
     update_norms: tuple[float, ...] = ()
     weight_norms: tuple[float, ...] = ()
-    # on histogram steps: the consumed gradients' values as flat float32 host arrays, by parameter index
-    histograms: dict[int, Any] = field(default_factory=dict)
+    # on histogram steps: the consumed gradients' histograms, by the group a sink asked for (``histogram_groups``)
+    histograms: dict[str, Histogram] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,7 @@ class Sink:
 
     wants_norms = False  # per-step gradient norms in StepRecord.grad_norms
     wants_contributions = False  # per-backward norms of what each pass added (``contributions``)
+    histogram_buckets = 30  # equal-width buckets of a histogram
 
     def update_ratio_due(self, step: int) -> bool:
         """Whether step ``step`` should carry update and weight norms."""
@@ -67,8 +82,12 @@ class Sink:
         return False
 
     def histogram_due(self, step: int) -> bool:
-        """Whether step ``step`` should carry the consumed gradients for histograms."""
+        """Whether step ``step`` should carry histograms of the consumed gradients."""
         return False
+
+    def histogram_groups(self) -> Sequence[str]:
+        """Per watched parameter, the histogram its gradient goes into."""
+        return ()
 
     def started(self, info: RunInfo) -> None: ...
     def backward(self, backward: int, params: Sequence[int], synced: bool | None) -> None: ...
@@ -104,6 +123,10 @@ class Sinks(Sink):
 
     def histogram_due(self, step: int) -> bool:
         return any(s.histogram_due(step) for s in self._sinks)
+
+    def histogram_groups(self) -> Sequence[str]:
+        """The groups of the first sink that has any (one sink draws histograms: TensorBoard's)."""
+        return next((groups for s in self._sinks if (groups := s.histogram_groups())), ())
 
     def started(self, info: RunInfo) -> None:
         self._each(lambda sink: sink.started(info))

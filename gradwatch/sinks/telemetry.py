@@ -2,19 +2,21 @@
 
 Per step: the consumed gradients' norms, the update and weight norms (update ratios) on the steps a sink asks
 for, the per-pass contribution norms measured by the tensor pre-hooks, and on histogram steps the consumed
-gradients' values as host arrays. Everything a step needs reaches the host in the step's one transfer
-(``stats.HostBatch``), shared with the tracker's own NaN/Inf check.
+gradients' histograms, counted on their device. Everything a step needs reaches the host in the step's one transfer
+(``stats.HostBatch``), shared with the tracker's own NaN/Inf check (histograms: two more, on their steps only).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from ..stats import FiniteChecks, HostBatch, NormPlan, local_tensors
-from . import Sinks, StepRecord
+from . import Histogram, Sinks, StepRecord
 
 Getter = Callable[[], list[float]]
 
@@ -104,7 +106,8 @@ class Telemetry:
                 record, updated=updated, update_norms=tuple(update_norms()), weight_norms=tuple(weight_norms())
             )
         if self.sinks.histogram_due(record.step):
-            record = replace(record, histograms={i: _host_values(g) for i, g in grads.items()})
+            groups = self.sinks.histogram_groups()
+            record = replace(record, histograms=gradient_histograms(grads, groups, self.sinks.histogram_buckets))
         self.sinks.step(record)
         self.measuring_contributions = self.sinks.contributions_due(next_step)
 
@@ -136,9 +139,81 @@ def _getter(values: list[float]) -> Getter:
     return lambda: values
 
 
-def _host_values(grad: torch.Tensor) -> list[float] | object:
-    """A gradient's values as a flat float32 host array (complex: real and imaginary parts)."""
-    (values,) = local_tensors([grad.detach()])
-    if values.is_complex():  # real and imaginary parts, not a cast that drops the imaginary one
-        values = torch.view_as_real(values)
-    return values.reshape(-1).float().cpu().numpy()
+def gradient_histograms(
+    grads: dict[int, torch.Tensor], groups: Sequence[str], buckets: int, by_comparison: bool | None = None
+) -> dict[str, Histogram]:
+    """Histograms of the finite values of ``grads`` per group (``groups[i]``: parameter ``i``'s), counted on the
+    device: only the counts and a few sums reach the host, in two reads (each tensor's range, then the counts)."""
+    by_group: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for i, grad in grads.items():
+            (values,) = local_tensors([grad.detach()])
+            if values.is_complex():  # real and imaginary parts, not a cast that drops the imaginary one
+                values = torch.view_as_real(values)
+            if values.numel():
+                by_group.setdefault(groups[i], []).append(values.reshape(-1))
+        ranges = _ranges(by_group)
+        batch = HostBatch(torch.float64)
+        scheduled = []
+        for name, parts in by_group.items():
+            lo, hi = ranges[name]
+            if lo is None or hi is None:
+                continue
+            lo, hi = (lo - 0.5, hi + 0.5) if lo == hi else (lo, hi)  # as numpy.histogram widens a single value
+            edges = [lo + (hi - lo) * k / buckets for k in range(buckets)] + [hi]
+            if any(a >= b for a, b in itertools.pairwise(edges)):  # a range too narrow for its values' precision
+                edges = [lo, hi]
+            counts = torch.stack([_counts(t, edges, by_comparison) for t in parts]).sum(0)
+            sums = [t.sum(dtype=torch.float32) for t in parts]
+            norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in parts]  # squared on the host
+            scheduled.append((name, edges, batch.vector(torch.cat([counts, torch.stack(sums + norms).double()]))))
+        batch.read()
+    out = {}
+    for name, edges, get in scheduled:
+        values, b = get(), len(edges) - 1
+        counts, sums, norms = values[:b], values[b : (len(values) + b) // 2], values[(len(values) + b) // 2 :]
+        num = int(sum(counts))
+        if not num:
+            continue
+        nonzero = [k for k, c in enumerate(counts) if c]
+        start, end = nonzero[0], nonzero[-1] + 1
+        kept = counts[start - 1 : end] if start else [0.0, *counts[:end]]
+        lo, hi = ranges[name]
+        squares = math.fsum(n * n for n in norms)
+        out[name] = Histogram(lo, hi, num, math.fsum(sums), squares, tuple(edges[start : end + 1]), tuple(kept))
+    return out
+
+
+def _ranges(by_group: dict[str, list[torch.Tensor]]) -> dict[str, tuple[float | None, float | None]]:
+    """(min, max) of each group's finite values; a tensor holding NaN/Inf is replaced by its finite values."""
+    batch = HostBatch(torch.float64)
+    extremes = [[batch.vector(torch.stack([t.amin(), t.amax()])) for t in parts] for parts in by_group.values()]
+    batch.read()
+    out = {}
+    for (name, parts), getters in zip(by_group.items(), extremes, strict=True):
+        lows, highs = [], []
+        for k, get in enumerate(getters):
+            lo, hi = get()
+            if not (math.isfinite(lo) and math.isfinite(hi)):  # the rare path: one more read for this tensor
+                t = parts[k] = parts[k][torch.isfinite(parts[k])]
+                if not t.numel():
+                    continue
+                lo, hi = torch.stack([t.amin(), t.amax()]).double().tolist()
+            lows.append(lo)
+            highs.append(hi)
+        out[name] = (min(lows), max(highs)) if lows else (None, None)
+    return out
+
+
+def _counts(values: torch.Tensor, edges: list[float], by_comparison: bool | None) -> torch.Tensor:
+    """How many of ``values`` fall in each bucket (the last one closed), on their device."""
+    if by_comparison is None:  # histc has no deterministic CUDA kernel
+        by_comparison = values.device.type != "cpu" and torch.are_deterministic_algorithms_enabled()
+    if not by_comparison:
+        if values.dtype not in (torch.float32, torch.float64):
+            values = values.float()  # one gradient's copy at a time
+        return torch.histc(values, len(edges) - 1, min=edges[0], max=edges[-1]).double()
+    at_least = [(values >= e).sum() for e in edges[1:-1]]
+    total = torch.tensor(float(values.numel()), dtype=torch.float64, device=values.device)
+    above = torch.stack([total, *at_least, torch.zeros_like(total)]).double()
+    return above[:-1] - above[1:]

@@ -6,14 +6,14 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
-import numpy
 from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 
 from .. import timeline
 from ..findings import Finding
-from . import LossWeights, RunInfo, Sink, StepRecord
+from . import Histogram, LossWeights, RunInfo, Sink, StepRecord
 from .records import ScalarEncoder, fast_records
 
 TIMELINE_NAME = "gradwatch-timeline.png"
@@ -22,9 +22,6 @@ PER_PARAM_LIMIT = 32  # above this many parameters, gradient norms are logged pe
 PER_LAYER_LIMIT = 64  # above this many layers, per contiguous range of layers
 RANGES = 32
 LINE_REFRESH = 100  # a lifecycle line on the backward-pass axis gets a point at least every this many passes
-# equal-width buckets, as TensorBoard's own histogram summary writes them (its dashboard draws 30); the ~1500
-# exponential "tensorflow" buckets of add_histogram's default cost a sort of every value and ~10 KB per histogram
-HISTOGRAM_BUCKETS = 30
 HANDOFF_SECONDS = 1.0  # the scalar events go to the writer's thread at most this often (and at each finding)
 MAX_HELD_EVENTS = 1024  # events held before they are handed over anyway (a loop of more than 1000 steps a second)
 
@@ -195,29 +192,26 @@ class TensorBoardSink(Sink):
             for layer, update in updates.items():
                 if weights[layer] > 0:
                     self._scalar(f"update_ratio/{prefix}{layer}", math.sqrt(update / weights[layer]), s)
-        if record.histograms:
-            by_layer: dict[str, list] = {}
-            for i, values in record.histograms.items():
-                by_layer.setdefault(layer_of(self._names[i]), []).append(values)
-            for layer, parts in by_layer.items():
-                values = parts[0] if len(parts) == 1 else numpy.concatenate(parts)
-                if values.size:  # a rank whose shards of a layer are empty (FSDP2) has no histogram of it
-                    self._histogram(f"grad/{prefix}{layer}", values, s)
+        for layer, histogram in record.histograms.items():
+            self._histogram(f"grad/{prefix}{layer}", histogram, s)
         self._write_scalars()
 
-    def _histogram(self, tag: str, values: Any, step: int) -> None:
-        """``add_histogram``'s summary, held with the scalars (an event handed to the writer's thread on its own
-        wakes it, and the thread took the GIL from the loop for several times the histogram's own cost)."""
-        from torch.utils.tensorboard.summary import histogram as histogram_summary
+    def histogram_groups(self) -> Sequence[str]:
+        return [layer_of(name) for name in self._names]
 
-        try:
-            summary = histogram_summary(tag, values, HISTOGRAM_BUCKETS)
-        except ValueError:  # NaN/Inf (no range), or a range numpy cannot split in 30 (huge values all but equal)
-            finite = values[numpy.isfinite(values)]  # a histogram cannot hold NaN/Inf (the finding names them)
-            if not finite.size:
-                return
-            summary = histogram_summary(tag, finite, self._writer.default_bins)  # add_histogram's "tensorflow"
-            # buckets: fixed, they split any finite range
+    def _histogram(self, tag: str, h: Histogram, step: int) -> None:
+        """Held with the scalars (an event handed to the writer's thread on its own wakes it, and the thread took the
+        GIL from the loop for several times the event's own cost)."""
+        proto = HistogramProto(
+            min=h.min,
+            max=h.max,
+            num=h.num,
+            sum=h.sum,
+            sum_squares=h.sum_squares,
+            bucket_limit=h.limits,
+            bucket=h.counts,
+        )
+        summary = Summary(value=[Summary.Value(tag=tag, histo=proto)])
         self._events.append(Event(summary=summary, wall_time=time.time(), step=step).SerializeToString())
 
     def loss_weights(self, weights: LossWeights) -> None:
