@@ -105,8 +105,7 @@ class Telemetry:
             record = replace(
                 record, updated=updated, update_norms=tuple(update_norms()), weight_norms=tuple(weight_norms())
             )
-        if self.sinks.histogram_due(record.step):
-            groups = self.sinks.histogram_groups()
+        if self.sinks.histogram_due(record.step) and (groups := self.sinks.histogram_groups()):
             record = replace(record, histograms=gradient_histograms(grads, groups, self.sinks.histogram_buckets))
         self.sinks.step(record)
         self.measuring_contributions = self.sinks.contributions_due(next_step)
