@@ -325,6 +325,31 @@ def test_histograms_leave_nan_and_inf_out_and_take_every_dtype():
     assert (histograms["d"].num, histograms["d"].min, histograms["d"].max) == (4, -1.0, 3.0)
 
 
+def test_a_sparse_gradient_is_left_out_of_the_statistics_and_the_checks_go_on(tmp_path):
+    """An embedding with sparse gradients: its gradient norm (duplicate entries summed), no histogram of it (no
+    kernel takes it), the rest as usual."""
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"emb": torch.nn.Embedding(20, 4, sparse=True), "lin": torch.nn.Linear(4, 1)})
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    options = gradwatch.TensorBoardOptions(histogram_every=1, update_ratio_every=1, contribution_every=1)
+    expected = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gradwatch.GradientWarning)  # a stop or a sink turned off would warn
+        with watch(model, opt, accumulation_steps=ACC, logdir=tmp_path, tensorboard=options, on_finding="record") as w:
+            opt.zero_grad()
+            for i in range(8):
+                (model["lin"](model["emb"](torch.randint(0, 20, (4,)))).pow(2).mean() / ACC).backward()
+                if (i + 1) % ACC == 0:
+                    expected.append(model["emb"].weight.grad.to_dense().norm().item())
+                    opt.step()
+                    opt.zero_grad()
+    assert w.findings == [] and w._tracker.ledger.steps == [4]
+    acc = _events(tmp_path)
+    assert sorted(acc.Tags()["histograms"]) == ["grad/lin"]
+    assert [s for s, _ in _scalars(acc, "grad_norm/lin.weight")] == [0, 1, 2, 3]
+    assert [v for _, v in _scalars(acc, "grad_norm/emb.weight")] == pytest.approx(expected, rel=1e-5)
+
+
 @pytest.mark.parametrize("value", [math.nan, 1e19])
 def test_a_histogram_of_nan_or_all_but_equal_huge_gradients_keeps_the_sink_on(tmp_path, value):
     """30 equal-width buckets cannot split NaN or a range below the values' own precision: NaN is left out (nothing

@@ -29,6 +29,7 @@ class ScheduledStep:
     grad_norms: Getter | None
     updates: tuple[Getter, Getter] | None
     contributions: list[tuple[int, list[int], Getter]]
+    sparse_norms: list[tuple[int, Getter]]  # (position, norm) of the sparse gradients: for the sinks only
 
 
 class Telemetry:
@@ -81,6 +82,7 @@ class Telemetry:
         """Schedule a step's statistics on ``batch`` (``weights``: all of the optimizer's; ``grads``: the consumed;
         ``plan``: how they split for their norms last time)."""
         grad_norms = batch.norms(grads, plan) if self.sinks.wants_norms else None
+        sparse = [] if grad_norms is None else [(pos, g) for pos, g in enumerate(grads) if _is_sparse(g)]
         before = self._weights_before.pop(opt_index, None)
         updates = None
         if before is not None and len(before) == len(weights):
@@ -88,7 +90,8 @@ class Telemetry:
                 after = local_tensors([w.detach() for w in weights])
                 torch._foreach_sub_(before, after)  # in place: the copy is ours, and a new one cost a third more
                 updates = batch.norms(before), batch.norms(after)
-        return ScheduledStep(opt_index, grad_norms, updates, self._schedule_contributions(batch))
+        sparse_norms = [(pos, batch.vector(_sparse_norm(g))) for pos, g in sparse]  # type: ignore[arg-type]
+        return ScheduledStep(opt_index, grad_norms, updates, self._schedule_contributions(batch), sparse_norms)
 
     def step(
         self,
@@ -100,6 +103,11 @@ class Telemetry:
     ) -> None:
         """Hand a read step to the sinks (``grads``: the consumed gradients, for a histogram step)."""
         self._send_contributions(scheduled.contributions)
+        if scheduled.sparse_norms:  # the checks took them as 0.0 (not checked); the sinks get their norms
+            norms = list(record.grad_norms)
+            for pos, get in scheduled.sparse_norms:
+                norms[pos] = get()[0]
+            record = replace(record, grad_norms=tuple(norms))
         if scheduled.updates is not None:
             update_norms, weight_norms = scheduled.updates
             record = replace(
@@ -134,6 +142,17 @@ class Telemetry:
             self.sinks.contributions(backward, indices, get())
 
 
+def _is_sparse(grad: torch.Tensor | None) -> bool:
+    return grad is not None and grad.layout is not torch.strided
+
+
+def _sparse_norm(grad: torch.Tensor) -> torch.Tensor:
+    """A sparse gradient's 2-norm, as a 1-element tensor on its device (duplicate entries summed first)."""
+    with torch.no_grad():
+        values = grad.coalesce().values() if grad.layout is torch.sparse_coo else grad.values()
+        return torch.linalg.vector_norm(values).reshape(1)
+
+
 def _getter(values: list[float]) -> Getter:
     return lambda: values
 
@@ -147,6 +166,8 @@ def gradient_histograms(
     with torch.no_grad():
         for i, grad in grads.items():
             (values,) = local_tensors([grad.detach()])
+            if values.layout is not torch.strided:  # a sparse gradient (an embedding's): left out, as from the norms
+                continue
             if values.is_complex():  # real and imaginary parts, not a cast that drops the imaginary one
                 values = torch.view_as_real(values)
             if values.numel():
