@@ -297,7 +297,11 @@ def test_histograms_are_counted_on_the_device_as_numpy_counts_them(by_comparison
     of the values computes them on the host (a value on a bucket's edge may land on either side: numpy corrects
     rounding there, the kernels do not). ``by_comparison``: the deterministic path CUDA takes when histc has none."""
     g = torch.Generator().manual_seed(3)
-    grads = {0: torch.randn(40, 30, generator=g), 1: torch.randn(30, generator=g) * 3, 2: torch.rand(7, generator=g)}
+    grads = {
+        0: torch.randn(40, 30, generator=g),
+        1: torch.randn(30, generator=g) * 3,
+        2: torch.rand(7, generator=g, dtype=torch.float64),
+    }
     histograms = gradient_histograms(grads, ["layer", "layer", "other"], 30, by_comparison=by_comparison)
     assert set(histograms) == {"layer", "other"}
     for name, values in (("layer", torch.cat([grads[0].reshape(-1), grads[1]])), ("other", grads[2])):

@@ -184,8 +184,10 @@ def gradient_histograms(
             if any(a >= b for a, b in itertools.pairwise(edges)):  # a range too narrow for its values' precision
                 edges = [lo, hi]
             counts = torch.stack([_counts(t, edges, by_comparison) for t in parts]).sum(0)
-            sums = [t.sum(dtype=torch.float32) for t in parts]
-            norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in parts]  # squared on the host
+            wide = [None if t.dtype in (torch.float32, torch.float64) else torch.float32 for t in parts]
+            sums = [t.sum(dtype=dtype) for t, dtype in zip(parts, wide, strict=True)]
+            norms = [torch.linalg.vector_norm(t, dtype=dtype) for t, dtype in zip(parts, wide, strict=True)]
+            # (the norms are squared on the host: a float32 square overflows long before its norm does)
             scheduled.append((name, edges, batch.vector(torch.cat([counts, torch.stack(sums + norms).double()]))))
         batch.read()
     out = {}
