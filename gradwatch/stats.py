@@ -294,8 +294,8 @@ def _host_checks(tensors: Sequence[torch.Tensor]) -> tuple[list[int], set[int]] 
 class HostBatch:
     """Device vectors gathered while handling one step, read back together: one transfer per device."""
 
-    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
-        self._dtype = dtype  # what the values are read as
+    def __init__(self, keep_float64: bool = False) -> None:
+        self._keep_float64 = keep_float64  # read float64 vectors as they are (else everything as float32)
         self._parts: list[torch.Tensor] = []
         self._values: list[list[float]] = []
 
@@ -328,8 +328,8 @@ class HostBatch:
 
     def _add(self, tensor: torch.Tensor) -> int:
         tensor = tensor.detach()
-        if tensor.dtype is not self._dtype:
-            tensor = tensor.to(self._dtype)
+        if tensor.dtype is not torch.float32 and not (self._keep_float64 and tensor.dtype is torch.float64):
+            tensor = tensor.float()
         self._parts.append(tensor.reshape(-1) if tensor.dim() != 1 else tensor)
         return len(self._parts) - 1
 

@@ -319,9 +319,11 @@ def test_histograms_leave_nan_and_inf_out_and_take_every_dtype():
         1: torch.full((3,), math.nan),  # nothing finite: no histogram
         2: torch.full((4,), 7.0, dtype=torch.bfloat16),  # one value: a bucket of width 1 around it, as numpy's
         3: torch.tensor([1 + 2j, 3 - 1j]),  # real and imaginary parts
+        4: torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64),  # its extremes read as float32 would lose 0.1
     }
-    histograms = gradient_histograms(grads, ["a", "b", "c", "d"], 30)
-    assert set(histograms) == {"a", "c", "d"}
+    histograms = gradient_histograms(grads, ["a", "b", "c", "d", "e"], 30)
+    assert set(histograms) == {"a", "c", "d", "e"}
+    assert (histograms["e"].num, histograms["e"].min, histograms["e"].max) == (3, 0.1, 0.3)
     assert (histograms["a"].num, histograms["a"].min, histograms["a"].max, histograms["a"].sum) == (2, 1.0, 2.0, 3.0)
     c = histograms["c"]
     assert (c.num, c.min, c.max) == (4, 7.0, 7.0)

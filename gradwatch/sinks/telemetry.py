@@ -173,7 +173,7 @@ def gradient_histograms(
             if values.numel():
                 by_group.setdefault(groups[i], []).append(values.reshape(-1))
         ranges = _ranges(by_group)
-        batch = HostBatch(torch.float64)
+        batch = HostBatch(keep_float64=True)
         scheduled = []
         for name, parts in by_group.items():
             lo, hi = ranges[name]
@@ -188,7 +188,7 @@ def gradient_histograms(
             sums = [t.sum(dtype=dtype) for t, dtype in zip(parts, wide, strict=True)]
             norms = [torch.linalg.vector_norm(t, dtype=dtype) for t, dtype in zip(parts, wide, strict=True)]
             # (the norms are squared on the host: a float32 square overflows long before its norm does)
-            scheduled.append((name, edges, batch.vector(torch.cat([counts, torch.stack(sums + norms).double()]))))
+            scheduled.append((name, edges, batch.vector(torch.cat([counts, torch.stack(sums + norms)]))))
         batch.read()
     out = {}
     for name, edges, get in scheduled:
@@ -208,7 +208,7 @@ def gradient_histograms(
 
 def _ranges(by_group: dict[str, list[torch.Tensor]]) -> dict[str, tuple[float | None, float | None]]:
     """(min, max) of each group's finite values; a tensor holding NaN/Inf is replaced by its finite values."""
-    batch = HostBatch(torch.float64)
+    batch = HostBatch(keep_float64=True)  # float64 gradients' extremes exactly: the buckets must hold them
     extremes = [[batch.vector(torch.stack([t.amin(), t.amax()])) for t in parts] for parts in by_group.values()]
     batch.read()
     out = {}
@@ -220,7 +220,7 @@ def _ranges(by_group: dict[str, list[torch.Tensor]]) -> dict[str, tuple[float | 
                 t = parts[k] = parts[k][torch.isfinite(parts[k])]
                 if not t.numel():
                     continue
-                lo, hi = torch.stack([t.amin(), t.amax()]).double().tolist()
+                lo, hi = torch.stack([t.amin(), t.amax()]).tolist()
             lows.append(lo)
             highs.append(hi)
         out[name] = (min(lows), max(highs)) if lows else (None, None)
@@ -228,14 +228,15 @@ def _ranges(by_group: dict[str, list[torch.Tensor]]) -> dict[str, tuple[float | 
 
 
 def _counts(values: torch.Tensor, edges: list[float], by_comparison: bool | None) -> torch.Tensor:
-    """How many of ``values`` fall in each bucket (the last one closed), on their device."""
+    """How many of ``values`` fall in each bucket (the last one closed), on their device (no float64 there: MPS has
+    none)."""
     if by_comparison is None:  # histc has no deterministic CUDA kernel
         by_comparison = values.device.type != "cpu" and torch.are_deterministic_algorithms_enabled()
     if not by_comparison:
         if values.dtype not in (torch.float32, torch.float64):
             values = values.float()  # one gradient's copy at a time
-        return torch.histc(values, len(edges) - 1, min=edges[0], max=edges[-1]).double()
+        return torch.histc(values, len(edges) - 1, min=edges[0], max=edges[-1])
     at_least = [(values >= e).sum() for e in edges[1:-1]]
-    total = torch.tensor(float(values.numel()), dtype=torch.float64, device=values.device)
-    above = torch.stack([total, *at_least, torch.zeros_like(total)]).double()
-    return above[:-1] - above[1:]
+    total = torch.tensor(values.numel(), device=values.device)
+    above = torch.stack([total, *at_least, torch.zeros_like(total)])
+    return (above[:-1] - above[1:]).float()
