@@ -335,6 +335,8 @@ class _StepHook:
         if not grouper.in_pass:
             call = receiver.on_step_post if self.post else receiver.on_step_pre
             _guard(receiver, "optimizer.step", call, self.opt_index, optimizer)
+            if self.post:
+                _guard(receiver, "optimizer.step", hooks.measure_contributions, receiver.measuring_contributions)
             return
         # stepped from a hook inside the backward: the pass so far is what it consumes; raise at its end
         if not self.post:
@@ -628,7 +630,10 @@ class HookSet:
         self._on_all_optimizers_gone = on_all_optimizers_gone
         self.frozen: dict[int, weakref.ref[torch.Tensor]] = {}  # watched, not requiring grad: not hooked
         self._contribution_norms = False
-        self._hooked: set[int] = set()
+        self._hooked: dict[int, weakref.ref[torch.Tensor]] = {}
+        # the contribution pre-hooks, on every hooked parameter while a window is being measured (one in ten), else
+        # none: a Python call per parameter per pass less
+        self._measuring: dict[int, Any] | None = None
         self._handles: list[Any] = []
         self._wrapped: list[tuple[weakref.ref[torch.optim.Optimizer], str, Callable[..., Any]]] = []
         self._optimizer_indices: dict[int, tuple[weakref.ref[torch.optim.Optimizer], int]] = {}
@@ -657,6 +662,7 @@ class HookSet:
         self._contribution_norms = contribution_norms
         try:
             self.hook_params(params)
+            self.measure_contributions(self.receiver.measuring_contributions)
             for opt_index, optimizer in enumerate(optimizers):
                 # disabled for dynamo: a compiled optimizer.step() runs them eagerly instead of tracing into them
                 # (done here, not at import: torch.compiler.disable imports dynamo, as the first step does anyway)
@@ -684,9 +690,29 @@ class HookSet:
             self.frozen.pop(index, None)
             hook = self.grouper.hook_for(index)  # captures no tensor: see module doc
             self._handles.append(param.register_post_accumulate_grad_hook(hook))
-            if self._contribution_norms:
-                self._handles.append(param.register_hook(functools.partial(self.grouper.record_incoming, index)))
-            self._hooked.add(index)
+            self._hooked[index] = weakref.ref(param)
+            if self._measuring is not None:
+                self._measuring[index] = self._measure(index, param)
+
+    def measure_contributions(self, on: bool) -> None:
+        """Put the contribution pre-hooks on every hooked parameter (``on``, and the watch measures them at all),
+        or take them off. Outside a backward pass only: the pre-hooks check the flag themselves as well."""
+        on = on and self._contribution_norms
+        if on == (self._measuring is not None):
+            return
+        if not on:
+            for handle in self._measuring.values():  # type: ignore[union-attr]
+                handle.remove()
+            self._measuring = None
+            return
+        self._measuring = {}
+        for index, ref in self._hooked.items():
+            param = ref()
+            if param is not None:
+                self._measuring[index] = self._measure(index, param)
+
+    def _measure(self, index: int, param: torch.Tensor) -> Any:
+        return param.register_hook(functools.partial(self.grouper.record_incoming, index))
 
     def hook_unfrozen(self) -> None:
         """Before a step: hook the frozen parameters that require grad now (unfrozen during the run)."""
@@ -747,21 +773,21 @@ class HookSet:
 
     def release_tensors(self) -> None:
         """Take the hooks off the parameters and drop every reference to them (the watch cannot go on)."""
+        self._remove_param_hooks()
+        self.receiver.release()
+
+    def _remove_param_hooks(self) -> None:
+        self.measure_contributions(False)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self._hooked.clear()
         self.frozen.clear()
-        self.receiver.release()
 
     def remove(self) -> None:
         """Idempotent: remove every handle, wrapper and dispatcher entry."""
         self.active = False
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._hooked.clear()
-        self.frozen.clear()
+        self._remove_param_hooks()
         for optimizer_ref, name, wrapper in reversed(self._wrapped):
             optimizer = optimizer_ref()
             if optimizer is not None and optimizer.__dict__.get(name) is wrapper:

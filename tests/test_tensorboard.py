@@ -238,6 +238,23 @@ def test_contribution_norms_default_to_every_tenth_window(tmp_path):
     assert [b for b, _ in logged] == [0, 1, 20, 21]  # the windows of steps 0 and 10
 
 
+def test_the_contribution_pre_hooks_are_on_the_parameters_only_while_a_window_is_measured(tmp_path, monkeypatch):
+    calls = []
+    record_incoming = gradwatch.hooks.BackwardGrouper.record_incoming
+    monkeypatch.setattr(
+        gradwatch.hooks.BackwardGrouper,
+        "record_incoming",
+        lambda self, index, grad: calls.append(index) or record_incoming(self, index, grad),
+    )
+    model, opt = reference_model()
+    with watch(model, opt, accumulation_steps=ACC, logdir=tmp_path):
+        reference_loop(model, opt, reference_data(n_batches=24))  # 12 steps: the windows of steps 0 and 10 measured
+        assert model.weight._backward_hooks is None or not model.weight._backward_hooks
+    assert len(calls) == 2 * 2 * ACC  # weight and bias, two windows of ACC passes
+    assert [b for b, _ in _scalars(_events(tmp_path), "contribution_norm/bias")] == [0, 1, 20, 21]
+    assert not model.weight._backward_hooks
+
+
 def test_group_choice():
     from gradwatch.sinks.tensorboard import choose_groups
 

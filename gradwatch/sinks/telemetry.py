@@ -82,7 +82,6 @@ class Telemetry:
         """Schedule a step's statistics on ``batch`` (``weights``: all of the optimizer's; ``grads``: the consumed;
         ``plan``: how they split for their norms last time)."""
         grad_norms = batch.norms(grads, plan) if self.sinks.wants_norms else None
-        sparse = [] if grad_norms is None else [(pos, g) for pos, g in enumerate(grads) if _is_sparse(g)]
         before = self._weights_before.pop(opt_index, None)
         updates = None
         if before is not None and len(before) == len(weights):
@@ -90,7 +89,11 @@ class Telemetry:
                 after = local_tensors([w.detach() for w in weights])
                 torch._foreach_sub_(before, after)  # in place: the copy is ours, and a new one cost a third more
                 updates = batch.norms(before), batch.norms(after)
-        sparse_norms = [(pos, batch.vector(_sparse_norm(g))) for pos, g in sparse]  # type: ignore[arg-type]
+        sparse_norms: list[tuple[int, Getter]] = []
+        if grad_norms is not None:  # the batched norms leave a sparse gradient at 0.0: its own, for the sinks
+            strided = torch.strided
+            sparse = [(pos, g) for pos, g in enumerate(grads) if g is not None and g.layout is not strided]
+            sparse_norms = [(pos, batch.vector(_sparse_norm(g))) for pos, g in sparse]
         return ScheduledStep(opt_index, grad_norms, updates, self._schedule_contributions(batch), sparse_norms)
 
     def step(
@@ -140,10 +143,6 @@ class Telemetry:
     def _send_contributions(self, scheduled: list[tuple[int, list[int], Getter]]) -> None:
         for backward, indices, get in scheduled:
             self.sinks.contributions(backward, indices, get())
-
-
-def _is_sparse(grad: torch.Tensor | None) -> bool:
-    return grad is not None and grad.layout is not torch.strided
 
 
 def _sparse_norm(grad: torch.Tensor) -> torch.Tensor:
