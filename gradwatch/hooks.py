@@ -336,13 +336,15 @@ class _StepHook:
             call = receiver.on_step_post if self.post else receiver.on_step_pre
             _guard(receiver, "optimizer.step", call, self.opt_index, optimizer)
             if self.post:
-                _guard(receiver, "optimizer.step", hooks.measure_contributions, receiver.measuring_contributions)
+                _guard(receiver, "optimizer.step", hooks.sync_measuring)
             return
         # stepped from a hook inside the backward: the pass so far is what it consumes; raise at its end
         if not self.post:
             _guard_in_backward(receiver, receiver.on_step_in_backward, grouper.take(), self.opt_index, optimizer)
         call = receiver.on_step_post if self.post else receiver.on_step_pre
         _guard_in_backward(receiver, call, self.opt_index, optimizer)
+        if self.post:  # the pre-hooks go on or off once the pass is over
+            _queue_callback(functools.partial(_guard, receiver, "optimizer.step", hooks.sync_measuring))
 
 
 OptimizerEvent = Callable[["HookSet", int, torch.optim.Optimizer], None]
@@ -662,7 +664,7 @@ class HookSet:
         self._contribution_norms = contribution_norms
         try:
             self.hook_params(params)
-            self.measure_contributions(self.receiver.measuring_contributions)
+            self.sync_measuring()
             for opt_index, optimizer in enumerate(optimizers):
                 # disabled for dynamo: a compiled optimizer.step() runs them eagerly instead of tracing into them
                 # (done here, not at import: torch.compiler.disable imports dynamo, as the first step does anyway)
@@ -694,9 +696,14 @@ class HookSet:
             if self._measuring is not None:
                 self._measuring[index] = self._measure(index, param)
 
+    def sync_measuring(self) -> None:
+        """Put the contribution pre-hooks on every hooked parameter while the receiver measures contributions, else
+        take them off. Outside a backward pass only: the pre-hooks check the flag themselves as well."""
+        self.measure_contributions(self.receiver.measuring_contributions)
+
     def measure_contributions(self, on: bool) -> None:
         """Put the contribution pre-hooks on every hooked parameter (``on``, and the watch measures them at all),
-        or take them off. Outside a backward pass only: the pre-hooks check the flag themselves as well."""
+        or take them off."""
         on = on and self._contribution_norms
         if on == (self._measuring is not None):
             return

@@ -38,16 +38,22 @@ def test_nonfinite_and_zero_positions_match_one_tensor_at_a_time(specs):
 
 
 SHAPES = [(), (3,), (1, 10), (2, 3), (2, 2, 2), (0,), (2, 0)]
+SPECS = st.tuples(st.sampled_from(KINDS), st.sampled_from(DTYPES), st.sampled_from(SHAPES))
 
 
-@settings(max_examples=80, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(KINDS), st.sampled_from(DTYPES), st.sampled_from(SHAPES)), max_size=12))
-def test_small_cpu_tensors_checked_on_the_host_agree_with_the_kernels(specs):
-    """Tensors of every rank (0-d and empty too): the host's reading and the norm kernels name the same positions."""
-    tensors = [
+def _shaped(specs: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> list[torch.Tensor]:
+    """Small tensors of every rank, 0-d and empty ones too."""
+    return [
         _tensor(kind, dtype, math.prod(shape)).reshape(shape) if math.prod(shape) else torch.zeros(shape, dtype=dtype)
         for kind, dtype, shape in specs
     ]
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(SPECS, max_size=12))
+def test_small_cpu_tensors_checked_on_the_host_agree_with_the_kernels(specs):
+    """Tensors of every rank (0-d and empty too): the host's reading and the norm kernels name the same positions."""
+    tensors = _shaped(specs)
     bad = [pos for pos, t in enumerate(tensors) if not torch.isfinite(t).all()]
     zero = [pos for pos, t in enumerate(tensors) if pos not in bad and not t.any()]
     everything = list(range(len(tensors)))
@@ -89,13 +95,10 @@ def test_host_batch_reads_norms_and_vectors_together():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(KINDS), st.sampled_from(DTYPES), st.sampled_from(SHAPES)), max_size=8))
+@given(st.lists(SPECS, max_size=8))
 def test_host_batch_norms_of_small_cpu_tensors_read_on_the_host_agree_with_the_kernels(specs):
     """A small model's norms are read on the host (no kernel): the kernels' values, NaN/Inf where they hold it."""
-    tensors = [
-        _tensor(kind, dtype, math.prod(shape)).reshape(shape) if math.prod(shape) else torch.zeros(shape, dtype=dtype)
-        for kind, dtype, shape in specs
-    ]
+    tensors = _shaped(specs)
     on_host = HostBatch()
     host_norms = on_host.norms(tensors)
     assert host_norms() is not None  # read already, before the batch is
@@ -149,10 +152,7 @@ def test_a_sparse_gradient_among_dense_ones_is_skipped_and_the_dense_ones_still_
 def test_stacked_checks_of_many_small_tensors_name_the_same_positions(specs, stack_limit):
     """Many CPU tensors of a few shapes (empty ones too): stacked per shape, in chunks, beside tensors too large to
     stack."""
-    tensors = [
-        _tensor(kind, dtype, math.prod(shape)).reshape(shape) if math.prod(shape) else torch.zeros(shape, dtype=dtype)
-        for kind, dtype, shape in specs
-    ]
+    tensors = _shaped(specs)
     bad = [pos for pos, t in enumerate(tensors) if not torch.isfinite(t).all()]
     with (
         patch.object(stats, "FEW_ON_CPU", 2),
