@@ -336,15 +336,15 @@ class _StepHook:
             call = receiver.on_step_post if self.post else receiver.on_step_pre
             _guard(receiver, "optimizer.step", call, self.opt_index, optimizer)
             if self.post:
-                _guard(receiver, "optimizer.step", hooks.sync_measuring)
+                hooks.sync_measuring_after_step()
             return
         # stepped from a hook inside the backward: the pass so far is what it consumes; raise at its end
         if not self.post:
             _guard_in_backward(receiver, receiver.on_step_in_backward, grouper.take(), self.opt_index, optimizer)
         call = receiver.on_step_post if self.post else receiver.on_step_pre
         _guard_in_backward(receiver, call, self.opt_index, optimizer)
-        if self.post:  # the pre-hooks go on or off once the pass is over
-            _queue_callback(functools.partial(_guard, receiver, "optimizer.step", hooks.sync_measuring))
+        if self.post:
+            hooks.sync_measuring_after_step()
 
 
 OptimizerEvent = Callable[["HookSet", int, torch.optim.Optimizer], None]
@@ -695,6 +695,15 @@ class HookSet:
             self._hooked[index] = weakref.ref(param)
             if self._measuring is not None:
                 self._measuring[index] = self._measure(index, param)
+
+    def sync_measuring_after_step(self) -> None:
+        """After a step: the contribution pre-hooks on or off for the window to come; from inside a backward pass (a
+        step taken from a hook), once that pass is over."""
+        sync = functools.partial(_guard, self.receiver, "optimizer.step", self.sync_measuring)
+        if _current_task() == -1:
+            sync()
+        else:
+            _queue_callback(sync)
 
     def sync_measuring(self) -> None:
         """Put the contribution pre-hooks on every hooked parameter while the receiver measures contributions, else

@@ -255,6 +255,49 @@ def test_the_contribution_pre_hooks_are_on_the_parameters_only_while_a_window_is
     assert not model.weight._backward_hooks
 
 
+@pytest.mark.parametrize("hooks_first", [True, False], ids=["user-hooks-first", "watch-first"])
+def test_the_contribution_pre_hooks_follow_steps_taken_inside_the_backward(tmp_path, monkeypatch, hooks_first):
+    """Optimizers stepped from post-accumulate-grad hooks: the pre-hooks go on or off at the end of each pass (never
+    during it), as the window to come is measured or not, and none is left on a parameter after the watch."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.Linear(8, 1))
+    opts = {p: torch.optim.SGD([p], lr=1e-2) for p in model.parameters()}
+
+    stepped = []  # parameters stepped in the running pass
+
+    def step_in_backward(p):
+        opts[p].step()
+        opts[p].zero_grad()
+        stepped.append(p)
+
+    synced_after = []  # how many parameters their pass had stepped when the pre-hooks were synced
+    sync = gradwatch.hooks.HookSet.sync_measuring
+    monkeypatch.setattr(
+        gradwatch.hooks.HookSet, "sync_measuring", lambda self: synced_after.append(len(stepped)) or sync(self)
+    )
+
+    def add_hooks():
+        return [p.register_post_accumulate_grad_hook(step_in_backward) for p in model.parameters()]
+
+    handles = add_hooks() if hooks_first else []
+    options = gradwatch.TensorBoardOptions(contribution_every=3)
+    measured = []
+    with watch(model, list(opts.values()), logdir=tmp_path, tensorboard=options) as w:
+        handles = handles or add_hooks()
+        for _ in range(7):
+            stepped.clear()
+            model(torch.randn(4, 10)).pow(2).mean().backward()
+            hooked = [bool(p._backward_hooks) for p in model.parameters()]
+            assert hooked == [w._tracker.measuring_contributions] * 4
+            measured.append(hooked[0])
+    for h in handles:
+        h.remove()
+    assert w.findings == []
+    assert measured == [s % 3 == 0 for s in range(1, 8)]  # after pass k, the window of step k is next
+    assert not any(p._backward_hooks for p in model.parameters())
+    assert synced_after[0] == 0 and set(synced_after[1:]) == {4}  # at the watch, then only once a pass was over
+
+
 def test_group_choice():
     from gradwatch.sinks.tensorboard import choose_groups
 
