@@ -245,11 +245,11 @@ HOST_CHECK_LIMIT = 256  # elements: CPU gradients this small in all are checked 
 _HOST_READABLE = frozenset({torch.float32, torch.float64, torch.float16, torch.bfloat16})
 
 
-def host_values(tensors: Sequence[torch.Tensor], limit: int | None = None) -> list[list[float]] | None:
+def host_values(tensors: Sequence[torch.Tensor]) -> list[list[float]] | None:
     """Each tensor's values as a flat list of floats, read on the host, when the tensors are dense floating-point
-    CPU tensors of at most ``limit`` (default ``HOST_CHECK_LIMIT``) elements in all; else None (a subclass, sparse,
-    complex or larger: kernels). On the CPU a kernel's dispatch outweighs reading a few values."""
-    limit = HOST_CHECK_LIMIT if limit is None else limit
+    CPU tensors of at most ``HOST_CHECK_LIMIT`` elements in all; else None (a subclass, sparse, complex or larger:
+    kernels). On the CPU a kernel's dispatch outweighs reading a few values."""
+    limit = HOST_CHECK_LIMIT  # read at each call: tests lower it
     total = 0
     for t in tensors:
         dense = type(t) is torch.Tensor and t.layout is torch.strided
