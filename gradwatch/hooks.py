@@ -699,6 +699,8 @@ class HookSet:
     def sync_measuring_after_step(self) -> None:
         """After a step: the contribution pre-hooks on or off for the window to come; from inside a backward pass (a
         step taken from a hook), once that pass is over."""
+        if not self._contribution_norms:
+            return
         sync = functools.partial(_guard, self.receiver, "optimizer.step", self.sync_measuring)
         if _current_task() == -1:
             sync()
