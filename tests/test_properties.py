@@ -252,3 +252,61 @@ def test_fsdp2_held_passes_land_whole_with_the_next_synced_pass(ops):
     left = {occ.kind: occ for occ in ledger.finish([True])}
     if buffer:  # never synced again: never consumed
         assert left["dangling-gradient"].detail["fresh"] >= buffer
+
+
+BULK_OPS = st.sampled_from(
+    [
+        "backward",
+        "backward_head",  # a pass that reaches only the last layer
+        "backward_nan",
+        "step",
+        "zero_none",
+        "zero_keep",
+        "none_0.weight",
+        "replace_1.bias",  # p.grad = p.grad.clone()
+        "zero_by_hand_0.bias",  # p.grad.zero_()
+        "clip",
+    ]
+)
+
+
+def _bulk_run(ops: list[str], accumulation_steps: int | None, whole_lists_from: int) -> list[tuple]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(5, 3), torch.randn(5, 2)
+    params = dict(model.named_parameters())
+    with (
+        patch.object(ledger_module, "WHOLE_LISTS_FROM", whole_lists_from),
+        watch(model, opt, accumulation_steps=accumulation_steps, audit_losses=False) as w,
+    ):
+        for op in ops:
+            if op == "backward":
+                torch.nn.functional.mse_loss(model(x), y).backward()
+            elif op == "backward_nan":
+                (model(x).sum() * float("nan")).backward()
+            elif op == "backward_head":
+                torch.nn.functional.mse_loss(model[1](model[0](x).detach()), y).backward()
+            elif op == "step":
+                opt.step()
+            elif op in ("zero_none", "zero_keep"):
+                opt.zero_grad(set_to_none=op == "zero_none")
+            elif op == "clip":
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            else:
+                how, name = op.rsplit("_", 1)
+                p = params[name]
+                if how == "none":
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad = p.grad.clone() if how == "replace" else p.grad.zero_()
+    assert w.stopped is None
+    return [(f.kind, f.params, f.step, f.backward, f.count) for f in w.findings]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(BULK_OPS, max_size=16), accumulation_steps=st.sampled_from([None, 1, 2]))
+def test_whole_list_checks_find_what_per_parameter_checks_find(ops, accumulation_steps):
+    """The tracker's checks of a pass or step over whole lists (models from ``WHOLE_LISTS_FROM`` parameters)
+    and one parameter at a time give the same findings, whatever happened to the gradients in between."""
+    assert _bulk_run(ops, accumulation_steps, 1) == _bulk_run(ops, accumulation_steps, 10**9)
