@@ -17,8 +17,6 @@ from typing import Any, Iterable, Protocol, Sequence
 
 import torch
 
-from . import bulk
-from . import ledger as ledger_module
 from .finding_log import user_location
 from .findings import ACCUMULATION_MISMATCH, DISCARDED, EMPTY_STEP, STALE
 from .hooks import current_graph_task
@@ -324,8 +322,35 @@ class Tracker:
         held: Sequence[int] = (),
     ) -> list[Occurrence]:
         ledger = self.ledger
-        steady = self._steady_pass(grads) if len(grads) >= ledger_module.WHOLE_LISTS_FROM else None
-        contributed, cleared = (steady, []) if steady is not None else self._look_at_pass(grads)
+        idle: list[int] = []  # reached, nothing accumulated (an undefined incoming gradient)
+        cleared: list[int] = []
+        # the hot path, one iteration per parameter per backward pass: the ledger's counters read as lists (a method
+        # call per parameter would cost as much as the rest of the iteration)
+        refs, versions, versions_unreliable, fresh, consumed = (
+            self._grad_refs,
+            self._grad_versions,
+            self._versions_unreliable,
+            ledger.fresh,
+            ledger.consumed,
+        )
+        for i, grad in grads.items():
+            if grad is None:
+                idle.append(i)
+                continue
+            ref = refs[i]
+            version = grad._version
+            if ref is None or ref() is not grad:
+                if ref is not None and (fresh[i] or consumed[i]) and not self._same_grad(i, grad):
+                    cleared.append(i)  # .grad was set to None or replaced since we last saw it
+                refs[i] = weakref.ref(grad)
+            elif version == versions[i] and not versions_unreliable:
+                idle.append(i)  # same tensor, untouched
+                continue
+            versions[i] = version
+        contributed = list(grads)
+        if idle:
+            skip = set(idle)
+            contributed = [i for i in contributed if i not in skip]
         out = self._clear(cleared, SET_TO_NONE, count=not self._clear_counted) if cleared else []
         self._clear_counted = self._clear_counted or bool(cleared)
         if continuing and not contributed:
@@ -366,64 +391,6 @@ class Tracker:
                 self._read_finite_checks()
         return out
 
-    def _steady_pass(self, grads: dict[int, torch.Tensor | None]) -> list[int] | None:
-        """The parameters a pass contributed to, checked over whole lists: each ``.grad`` is the tensor seen last with
-        a new version (accumulated), or a new tensor where no gradient was held (the pass after a clear to None). None
-        when some parameter needs a look of its own (``_look_at_pass``): nothing is recorded then."""
-        values = list(grads.values())
-        new = bulk.weak_refs(values)
-        if new is None:
-            return None
-        indices = list(grads)
-        refs, ledger = self._grad_refs, self.ledger
-        same = bulk.same_objects(bulk.gather(refs, indices), new)
-        replaced = not all(same)
-        if replaced and (bulk.any_at(ledger.fresh, indices) or bulk.any_at(ledger.consumed, indices)):
-            return None  # a gradient held was set to None or replaced
-        versions = list(map(bulk.version_of, values))
-        if not self._versions_unreliable and bulk.any_same_and_equal(
-            same, versions, bulk.gather(self._grad_versions, indices)
-        ):
-            return None  # reached, nothing accumulated
-        if replaced:
-            bulk.scatter(refs, indices, new)
-        bulk.scatter(self._grad_versions, indices, versions)
-        return indices
-
-    def _look_at_pass(self, grads: dict[int, torch.Tensor | None]) -> tuple[list[int], list[int]]:
-        """The parameters a pass contributed to, and those whose gradient was set to None or replaced before it,
-        looked at one by one (the hot path on small models, and wherever ``_steady_pass`` declined)."""
-        idle: list[int] = []  # reached, nothing accumulated (an undefined incoming gradient)
-        cleared: list[int] = []
-        # one iteration per parameter per backward pass: the ledger's counters read as lists (a method call per
-        # parameter would cost as much as the rest of the iteration)
-        refs, versions, versions_unreliable, fresh, consumed = (
-            self._grad_refs,
-            self._grad_versions,
-            self._versions_unreliable,
-            self.ledger.fresh,
-            self.ledger.consumed,
-        )
-        for i, grad in grads.items():
-            if grad is None:
-                idle.append(i)
-                continue
-            ref = refs[i]
-            version = grad._version
-            if ref is None or ref() is not grad:
-                if ref is not None and (fresh[i] or consumed[i]) and not self._same_grad(i, grad):
-                    cleared.append(i)  # .grad was set to None or replaced since we last saw it
-                refs[i] = weakref.ref(grad)
-            elif version == versions[i] and not versions_unreliable:
-                idle.append(i)  # same tensor, untouched
-                continue
-            versions[i] = version
-        contributed = list(grads)
-        if idle:
-            skip = set(idle)
-            contributed = [i for i in contributed if i not in skip]
-        return contributed, cleared
-
     def on_step_pre(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
         """Before the step (and its closure): notice gradients set to None since we last saw them."""
         if self.stopped:
@@ -433,19 +400,10 @@ class Tracker:
             self._skipped_steps.add(opt_index)  # after_scaler_step books the skip
             return
         # before the step begins: a raise here leaves no step open
-        if len(indices) < ledger_module.WHOLE_LISTS_FROM or not self._steady_before_step(indices, params):
-            self._outbox.findings(self._notice_replaced(zip(indices, params, strict=True)))
+        self._outbox.findings(self._notice_replaced(zip(indices, params, strict=True)))
         if self._telemetry is not None:
             self._telemetry.before_step(opt_index, self.ledger.steps[opt_index], list(params))
         self.ledger.step_begin(opt_index)
-
-    def _steady_before_step(self, indices: list[int], params: Sequence[torch.Tensor]) -> bool:
-        """Whether every parameter holds a fresh gradient in the tensor seen last (``_notice_replaced`` has nothing
-        to find), checked over whole lists."""
-        if not bulk.all_at(self.ledger.fresh, indices):
-            return False
-        refs = bulk.weak_refs(map(bulk.grad_of, params))
-        return refs is not None and all(bulk.same_objects(bulk.gather(self._grad_refs, indices), refs))
 
     def on_step_post(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
         """The step consumed its parameters' gradients."""
@@ -751,10 +709,6 @@ class Tracker:
         gradients, the positions among them changed in place since their last pass (zeroed by hand, or clipped), and
         the versions after the step, of the weights (did the loop move them later?) and of the gradients (changed in
         place before the next pass or step?)."""
-        if len(indices) >= ledger_module.WHOLE_LISTS_FROM:
-            scanned = self._scan_steady_step(indices, params)
-            if scanned is not None:
-                return scanned
         versions, grad_versions, refs, fresh = (  # once per parameter per step: the counters read as a list
             self._weight_versions,
             self._grad_versions,
@@ -779,21 +733,6 @@ class Tracker:
             versions[i] = p._version
             grad_versions[i] = version
         return consumed, grads, changed
-
-    def _scan_steady_step(
-        self, indices: list[int], params: Sequence[torch.Tensor]
-    ) -> tuple[list[tuple[int, torch.Tensor]], list[torch.Tensor], list[int]] | None:
-        """``_scan_after_step`` over whole lists, when every parameter holds a fresh gradient unchanged since its
-        last pass; else None, with nothing recorded."""
-        grads = list(map(bulk.grad_of, params))
-        if not bulk.all_at(self.ledger.fresh, indices) or bulk.weak_refs(grads) is None:
-            return None
-        if not self._versions_unreliable and list(map(bulk.version_of, grads)) != bulk.gather(
-            self._grad_versions, indices
-        ):
-            return None  # changed in place since the last pass (clipped, unscaled, zeroed): looked at one by one
-        bulk.scatter(self._weight_versions, indices, map(bulk.version_of, params))
-        return list(zip(indices, params, strict=True)), grads, []
 
     def _weights_moved(self, indices: list[int]) -> bool:
         """Whether the loop changed any of these weights in place since their optimizer's latest step (SAM's
