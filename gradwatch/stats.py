@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass
-from itertools import repeat
 from typing import Any, Callable, Sequence
 
 import torch
@@ -17,7 +16,7 @@ def local_tensors(tensors: Sequence[Any]) -> list[Any]:
     module = sys.modules.get("torch.distributed.tensor")
     dtensor = getattr(module, "DTensor", None)
     tensors = list(tensors)
-    if dtensor is None or not any(map(isinstance, tensors, repeat(dtensor))):
+    if dtensor is None or not any(issubclass(kind, dtensor) for kind in set(map(type, tensors))):
         return tensors
     return [t.to_local() if isinstance(t, dtensor) else t for t in tensors]
 
