@@ -213,9 +213,10 @@ class BackwardGrouper:
         self.held: list[int] = []  # parameters whose contribution FSDP2 kept out of .grad (sync off)
 
     def record_incoming(self, index: int, grad: torch.Tensor | None) -> None:
-        """Tensor pre-hook: the norm of the gradient about to be accumulated (kept on the device, not the grad; a
-        small CPU gradient's read now, cheaper than a kernel)."""
-        if grad is not None and self._receiver.measuring_contributions and grad.layout is torch.strided:
+        """Tensor pre-hook, on while a window is measured: the norm of the gradient about to be accumulated (kept on
+        the device, not the grad; a small CPU gradient's read now, cheaper than a kernel). A pass that began measured
+        is measured to its end, though a step taken inside it ends the measured window."""
+        if grad is not None and grad.layout is torch.strided:
             try:
                 on_host = host_values((grad,))
                 if on_host is not None:
@@ -709,7 +710,7 @@ class HookSet:
 
     def sync_measuring(self) -> None:
         """Put the contribution pre-hooks on every hooked parameter while the receiver measures contributions, else
-        take them off. Outside a backward pass only: the pre-hooks check the flag themselves as well."""
+        take them off. Outside a backward pass only."""
         self.measure_contributions(self.receiver.measuring_contributions)
 
     def measure_contributions(self, on: bool) -> None:

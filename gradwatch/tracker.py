@@ -97,6 +97,7 @@ class Tracker:
             ledger.collective = "reduce-scatter"
         self._weight_versions = [p._version for p in params]  # at the latest step: weights moved outside a step?
         self._continuing_pass = False  # a step inside the running backward pass booked part of it already
+        self._booked_in_pass: list[int] = []  # parameters of the running pass those steps booked (for the sinks)
         self._clipping: list[tuple[int, torch.Tensor]] = []  # gradients a running clip changes, seen unchanged
         self._probes: dict[int, int] = {}  # per optimizer, a parameter of the latest pass: changed in place since?
         self._rotation = 0  # the parameter the rotating probe looks at next
@@ -310,7 +311,7 @@ class Tracker:
             ref = refs[i]
             if ref is None or ref() is not grad or grad._version != versions[i]:
                 grads[i] = grad
-        out = self._book_pass(grads, None, self._continuing_pass)
+        out = self._book_pass(grads, None, self._continuing_pass, part=True)
         self._continuing_pass = True
         self._outbox.findings(out)
 
@@ -320,7 +321,10 @@ class Tracker:
         incoming: dict[int, torch.Tensor | float] | None,
         continuing: bool,
         held: Sequence[int] = (),
+        part: bool = False,
     ) -> list[Occurrence]:
+        """Book a pass (``part``: the part of a running pass that a step taken inside it consumes; the sinks hear of
+        the pass once, when it is over)."""
         ledger = self.ledger
         idle: list[int] = []  # reached, nothing accumulated (an undefined incoming gradient)
         cleared: list[int] = []
@@ -354,6 +358,8 @@ class Tracker:
         out = self._clear(cleared, SET_TO_NONE, count=not self._clear_counted) if cleared else []
         self._clear_counted = self._clear_counted or bool(cleared)
         if continuing and not contributed:
+            if not part:
+                self._pass_to_sinks(ledger.backwards - 1, [], None, incoming)
             return out
         backward = ledger.backwards - 1 if continuing else ledger.backwards
         out += ledger.backward(contributed, same_pass=continuing)
@@ -379,7 +385,11 @@ class Tracker:
         if synced:
             ledger.backward_synced()
         if self._telemetry is not None:
-            self._telemetry.backward(backward, [*contributed, *held] if held else contributed, synced, incoming)
+            reached = [*contributed, *held] if held else contributed
+            if part:
+                self._booked_in_pass += reached
+            else:
+                self._pass_to_sinks(backward, reached, synced, incoming)
         if self._zeroed:
             for i in contributed:
                 if not ledger.is_mixed(i):
@@ -390,6 +400,20 @@ class Tracker:
             if len(self._finite) > self._finite.max_pending:
                 self._read_finite_checks()
         return out
+
+    def _pass_to_sinks(
+        self,
+        backward: int,
+        reached: list[int],
+        synced: bool | None,
+        incoming: dict[int, torch.Tensor | float] | None,
+    ) -> None:
+        """A pass is over: to the sinks with every parameter it reached, the parts that steps taken inside it booked
+        first included (one event per pass, and the norms of what it added to each of them)."""
+        if self._booked_in_pass:
+            reached, self._booked_in_pass = [*self._booked_in_pass, *reached], []
+        if reached and self._telemetry is not None:
+            self._telemetry.backward(backward, reached, synced, incoming)
 
     def on_step_pre(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
         """Before the step (and its closure): notice gradients set to None since we last saw them."""

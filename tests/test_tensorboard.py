@@ -296,6 +296,13 @@ def test_the_contribution_pre_hooks_follow_steps_taken_inside_the_backward(tmp_p
     assert measured == [s % 3 == 0 for s in range(1, 8)]  # after pass k, the window of step k is next
     assert not any(p._backward_hooks for p in model.parameters())
     assert synced_after[0] == 0 and set(synced_after[1:]) == {4}  # at the watch, then only once a pass was over
+    # the sinks hear of each pass once, when it is over, with the parts the steps inside it booked (the
+    # parameter stepped before the pass reached a watched hook is a gradient supplied outside any pass)
+    passes = gradwatch.load_trace(tmp_path).of("backward")
+    assert [e["backward"] for e in passes] == list(range(7))
+    assert all({0, 1, 2} <= set(e["params"]) for e in passes)
+    # a pass that began measured is measured to its end, though the steps inside it end its window
+    assert [b for b, _ in _scalars(_events(tmp_path), "contribution_norm/0.weight")] == [0, 3, 6]
 
 
 def test_group_choice():
