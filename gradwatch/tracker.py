@@ -97,7 +97,7 @@ class Tracker:
             ledger.collective = "reduce-scatter"
         self._weight_versions = [p._version for p in params]  # at the latest step: weights moved outside a step?
         self._continuing_pass = False  # a step inside the running backward pass booked part of it already
-        self._booked_in_pass: list[int] = []  # parameters of the running pass those steps booked (for the sinks)
+        self._booked_in_pass: list[int] | None = None  # what those steps booked of the pass (None: nothing yet)
         self._clipping: list[tuple[int, torch.Tensor]] = []  # gradients a running clip changes, seen unchanged
         self._probes: dict[int, int] = {}  # per optimizer, a parameter of the latest pass: changed in place since?
         self._rotation = 0  # the parameter the rotating probe looks at next
@@ -358,7 +358,7 @@ class Tracker:
         out = self._clear(cleared, SET_TO_NONE, count=not self._clear_counted) if cleared else []
         self._clear_counted = self._clear_counted or bool(cleared)
         if continuing and not contributed:
-            if not part:
+            if not part and self._booked_in_pass is not None:
                 self._pass_to_sinks(ledger.backwards - 1, [], None, incoming)
             return out
         backward = ledger.backwards - 1 if continuing else ledger.backwards
@@ -387,7 +387,7 @@ class Tracker:
         if self._telemetry is not None:
             reached = [*contributed, *held] if held else contributed
             if part:
-                self._booked_in_pass += reached
+                self._booked_in_pass = [*(self._booked_in_pass or ()), *reached]
             else:
                 self._pass_to_sinks(backward, reached, synced, incoming)
         if self._zeroed:
@@ -410,9 +410,9 @@ class Tracker:
     ) -> None:
         """A pass is over: to the sinks with every parameter it reached, the parts that steps taken inside it booked
         first included (one event per pass, and the norms of what it added to each of them)."""
-        if self._booked_in_pass:
-            reached, self._booked_in_pass = [*self._booked_in_pass, *reached], []
-        if reached and self._telemetry is not None:
+        if self._booked_in_pass is not None:
+            reached, self._booked_in_pass = [*self._booked_in_pass, *reached], None
+        if self._telemetry is not None:
             self._telemetry.backward(backward, reached, synced, incoming)
 
     def on_step_pre(self, opt_index: int, optimizer: torch.optim.Optimizer) -> None:
