@@ -3,7 +3,9 @@
 Wall-clock overhead on a busy 2-core machine moves by more than a cut saves; the bytecodes a step executes do not
 move at all, so a cut to the Python bookkeeping shows here exactly, by function. It counts only Python: kernels,
 allocation and the cost of a call (a C call counts as the one bytecode that makes it) are left to
-``overhead.py``. The trace makes each step about a hundred times slower.
+``overhead.py``. The trace makes each step about a hundred times slower. A cut that moves Python work into C
+calls (``map`` over slot wrappers or types) shows here as a large cut and may still cost more: count such a cut's
+instructions under valgrind before keeping it (benchmarks/README.md, "Eighth session").
 
     python benchmarks/opcodes.py                                 # detect against floor on seed
     python benchmarks/opcodes.py --workload many-params --steps 3 --top 25
