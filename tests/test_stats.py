@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+import types
 from unittest.mock import patch
 
 import pytest
@@ -231,3 +233,22 @@ def test_a_plan_learnt_beside_a_sparse_tensor_is_not_reused_for_a_dense_one():
         assert 3 not in _by_position(stats.norms_by_group(with_sparse, plan))  # a sparse tensor has no norm kernel
         dense[3] = torch.full((2, 3), math.nan)
         assert math.isnan(_by_position(stats.norms_by_group(dense, plan))[3])  # checked, not left out by the plan
+
+
+def test_local_tensors_takes_each_dtensor_to_its_shard_and_leaves_other_tensors(monkeypatch):
+    """Found by the tensors' types (a subclass of DTensor is one too), without asking each tensor."""
+
+    class FakeDTensor(torch.Tensor):
+        def to_local(self) -> torch.Tensor:
+            return torch.zeros(1)
+
+    class Subclass(FakeDTensor):
+        pass
+
+    monkeypatch.setitem(sys.modules, "torch.distributed.tensor", types.SimpleNamespace(DTensor=FakeDTensor))
+    plain = torch.ones(2)
+    out = stats.local_tensors([plain, torch.ones(3).as_subclass(Subclass)])
+    assert out[0] is plain and out[1].shape == (1,)
+    assert stats.local_tensors([plain])[0] is plain
+    monkeypatch.delitem(sys.modules, "torch.distributed.tensor")
+    assert stats.local_tensors([torch.ones(3).as_subclass(Subclass)])[0].shape == (3,)  # no DTensor imported
