@@ -254,7 +254,7 @@ def test_fsdp2_held_passes_land_whole_with_the_next_synced_pass(ops):
         assert left["dangling-gradient"].detail["fresh"] >= buffer
 
 
-BULK_OPS = st.sampled_from(
+GRADIENT_OPS = st.sampled_from(
     [
         "backward",
         "backward_head",  # a pass that reaches only the last layer
@@ -270,7 +270,7 @@ BULK_OPS = st.sampled_from(
 )
 
 
-def _bulk_run(ops: list[str], accumulation_steps: int | None, whole_lists_from: int) -> list[tuple]:
+def _run_booked(ops: list[str], accumulation_steps: int | None, whole_lists_from: int) -> list[tuple]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -305,8 +305,9 @@ def _bulk_run(ops: list[str], accumulation_steps: int | None, whole_lists_from: 
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops=st.lists(BULK_OPS, max_size=16), accumulation_steps=st.sampled_from([None, 1, 2]))
-def test_whole_list_checks_find_what_per_parameter_checks_find(ops, accumulation_steps):
-    """The tracker's checks of a pass or step over whole lists (models from ``WHOLE_LISTS_FROM`` parameters)
-    and one parameter at a time give the same findings, whatever happened to the gradients in between."""
-    assert _bulk_run(ops, accumulation_steps, 1) == _bulk_run(ops, accumulation_steps, 10**9)
+@given(ops=st.lists(GRADIENT_OPS, max_size=16), accumulation_steps=st.sampled_from([None, 1, 2]))
+def test_whole_list_booking_finds_what_per_parameter_booking_finds(ops, accumulation_steps):
+    """The ledger's booking of passes, clears and steps over whole lists (models from ``WHOLE_LISTS_FROM``
+    parameters) and one parameter at a time give the same findings, step and pass included, whatever happened to
+    the gradients in between (passes reaching part of the model, NaN, hand clears, replaced gradients, clips)."""
+    assert _run_booked(ops, accumulation_steps, 1) == _run_booked(ops, accumulation_steps, 10**9)

@@ -1,5 +1,5 @@
-"""Every scenario runs twice: with the checks that walk a model's parameters one at a time (models under
-``WHOLE_LISTS_FROM`` parameters, as most of these are) and with those over whole lists (larger models)."""
+"""Every scenario runs twice: with the ledger booking passes, clears and steps one parameter at a time (models
+under ``WHOLE_LISTS_FROM`` parameters, as most of these are) and over whole lists (larger models)."""
 
 from __future__ import annotations
 
