@@ -76,7 +76,7 @@ class Receiver(Protocol):
 
     pending_stop: str | None  # a reason to stop checking, noted where no warning may be issued
 
-    measuring_contributions: bool  # whether the tensor pre-hooks measure incoming gradients now
+    measuring_contributions: bool  # whether the window to come is measured: the pre-hooks go on or off by it
 
     auditing_losses: bool  # whether the loss calls of the coming window are audited
 

@@ -111,7 +111,8 @@ class Tracker:
 
     @property
     def measuring_contributions(self) -> bool:
-        """Whether the contribution pre-hooks measure what each pass adds (a sink asked for it this step)."""
+        """Whether the window to come is measured (a sink asked for its contribution norms): the hooks put the
+        contribution pre-hooks on or off by it between passes."""
         return self._telemetry is not None and self._telemetry.measuring_contributions
 
     # -- Receiver ----------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ class Telemetry:
 
     def __init__(self, sinks: Sinks) -> None:
         self.sinks = sinks
-        self.measuring_contributions = sinks.contributions_due(0)  # read by the contribution pre-hooks
+        self.measuring_contributions = sinks.contributions_due(0)  # read between passes: pre-hooks on or off
         self._weights_before: dict[int, list[torch.Tensor]] = {}  # copies for update ratios, one step long
         # per backward, read at the step: norms on the device, or read already (small CPU gradients)
         self._contributions: list[tuple[int, list[int], torch.Tensor | list[float]]] = []
