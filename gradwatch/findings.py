@@ -80,6 +80,13 @@ _MESSAGES: Mapping[str | tuple[str, str], str] = {
         "parameters should not train, freeze them with requires_grad_(False) (backward then computes nothing for "
         "them); otherwise clear gradients only after optimizer.step(), all at once (optimizer.zero_grad())."
     ),
+    (DISCARDED, "repeated"): (
+        "{source} cleared {fresh} backward pass(es) of gradient in {params} before any optimizer step consumed "
+        "them, before two steps in a row. If the loop clears inside its accumulation windows, move zero_grad() "
+        "after optimizer.step(). If it runs these passes only to read a gradient (an adversarial attack on the "
+        "inputs, per-task gradients), compute them with torch.autograd.grad(...), which leaves .grad alone, or pass "
+        "accumulation_steps to watch() so that gradwatch can tell them from the windows the steps consume."
+    ),
     (DISCARDED, "not-stepped"): (
         "optimizer[{opt}] never stepped on the gradient that backward pass(es) put into {params}: another "
         "optimizer stepped on those passes, and {source} then found the gradient of {params} unconsumed, so these "

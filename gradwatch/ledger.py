@@ -15,9 +15,11 @@ Rules that keep legitimate loops free of false alarms while the bugs stay caught
 - a clear that drops unconsumed contributions is judged at the optimizer's next step: if that step consumes
   an empty or wrong-sized window, the clear ran inside the window or between backward and step
   (``discarded-gradient``); if it consumes a full window, the loop dropped an epoch's partial last window
-  (wasted batches: ``dangling-gradient``, a warning) or skipped a whole window on purpose (a NaN guard), which
-  is a bug only when whole windows are dropped before two steps in a row. Before an optimizer's first step a
-  dropped window is a set-up pass (a sanity check);
+  (wasted batches: ``dangling-gradient``, a warning) or dropped a whole window on purpose (a NaN guard, or passes
+  run only to be read: an adversarial attack's, per-task gradients combined by hand). Without
+  ``accumulation_steps``, whole windows dropped before two steps in a row are a ``zero_grad()`` inside every
+  window, unless the step's gradient was assigned by hand. Before an optimizer's first step a dropped window is
+  a set-up pass (a sanity check);
 - dropped contributions whose weights the loop moved outside a step (SAM's perturbation) were used on purpose.
 """
 
@@ -94,6 +96,8 @@ class Ledger:
             None
         ] * n_optimizers  # cleared unconsumed: judged next step
         self.skipped_window = [False] * n_optimizers  # the latest step came after a whole window was dropped
+        # the pending window holds a .grad assigned by hand: gradients read before a clear may be combined in it
+        self.assigned = [False] * n_optimizers
         self.independent = [False] * n_optimizers  # stepped on a pass no other optimizer consumed
         self.unstepped_drop: list[Occurrence | None] = [None] * n_optimizers  # by-products cleared before any step
         self._consumers: dict[int, int] = {}  # recent backward passes -> bit mask of the optimizers that consumed them
@@ -237,6 +241,15 @@ class Ledger:
             self.fresh_last[i] = b
             self.received[i] = True
             self.unknown_window.add(owner)
+            self.assigned[owner] = True
+
+    def replaced(self, indices: Iterable[int]) -> None:
+        """The ``.grad`` of ``indices``, holding fresh contributions, was replaced by hand with another tensor (scaled,
+        projected, or combined from gradients the loop read and cleared: PCGrad and other multi-task methods)."""
+        for i in indices:
+            owner = self.owners[i]
+            if owner != NO_OWNER:
+                self.assigned[owner] = True
 
     def add_param(self, owner: int) -> int:
         """Watch one more parameter (added to optimizer ``owner`` during the run); returns its index."""
@@ -633,6 +646,7 @@ class Ledger:
         expected = full if full is not None else previous
         dropped, self.dropped[opt] = self.dropped[opt], None
         skipped_before, self.skipped_window[opt] = self.skipped_window[opt], False
+        assigned, self.assigned[opt] = self.assigned[opt], False
         out: list[Occurrence] = []
         if dropped is not None:
             occurrence, passes = dropped
@@ -646,8 +660,11 @@ class Ledger:
                 out.append(occurrence)  # cleared inside this window: the step consumed what was left of it
             elif not whole and occurrence.step > 0:  # a full window followed: an epoch's partial last one dropped
                 out.append(_wasted(occurrence))
-            elif whole and occurrence.step > 0 and skipped_before:
-                out.append(occurrence)  # whole windows dropped before two steps in a row: cleared inside them
+            elif whole and occurrence.step > 0 and skipped_before and full is None and not assigned:
+                # whole windows dropped before two steps in a row, with no accumulation_steps to tell a window from
+                # passes run only to be read (an adversarial attack's): a zero_grad() inside every window
+                out.append(replace(occurrence, detail={**occurrence.detail, "how": "repeated"}))
+                self.skipped_window[opt] = True  # and so is every such drop after it
             elif whole and occurrence.step > 0:
                 self.skipped_window[opt] = True  # a window skipped on purpose (a NaN or loss-spike guard)
             if whole:

@@ -804,7 +804,7 @@ class Tracker:
         tensor is a modification of a window's gradient, or (``supply``) a gradient supplied by hand
         (``torch.autograd.grad``) when it held no fresh contribution; at the end of the run, a clear."""
         ledger = self.ledger
-        cleared, supplied = [], []
+        cleared, supplied, replaced = [], [], []
         zeroed_consumed = []
         # once per parameter per step: the counters read as lists, the tensor we last saw checked first
         refs, versions, fresh, consumed = self._grad_refs, self._grad_versions, ledger.fresh, ledger.consumed
@@ -824,11 +824,15 @@ class Tracker:
                 versions[i] = grad._version
                 if not fresh[i]:
                     (supplied if supply else cleared).append(i)
+                else:
+                    replaced.append(i)
         out = self._clear(cleared, SET_TO_NONE) if cleared else []
         if zeroed_consumed:  # a rare path (the step consumes nothing fresh): read whether they were zeroed
             ledger.clear_consumed(self._hand_zeroed(zeroed_consumed, list(range(len(zeroed_consumed)))))
         if supplied:
             ledger.supplied(supplied)
+        if replaced and supply:
+            ledger.replaced(replaced)
         return out
 
     def _read_finite_checks(self) -> None:

@@ -98,16 +98,46 @@ def test_discarded_empty_stale_and_mismatch():
     assert (mismatch.kind, mismatch.detail) == (k.ACCUMULATION_MISMATCH, {"window": 1, "expected": 2})
     assert kinds(_step(ledger)) == [k.STALE]
     ledger.clear([0, 1], "zero_grad")
-    for _ in range(2):  # a whole window skipped on purpose (a NaN guard), then a full one stepped: clean
+    for _ in range(3):  # whole windows dropped before every step (a NaN guard, an attack's passes), full ones stepped
         ledger.backward([0, 1])
         ledger.backward([0, 1])
         assert ledger.clear([0, 1], "zero_grad") == []
         ledger.backward([0, 1])
         ledger.backward([0, 1])
-        if ledger.steps[0] == 3:
-            assert _step(ledger) == []
-    (discarded,) = _step(ledger)  # whole windows dropped before two steps in a row: cleared inside them
-    assert (discarded.kind, discarded.step, discarded.detail["fresh"]) == (k.DISCARDED, 4, 2)
+        assert _step(ledger) == []  # clean: every step consumed the window accumulation_steps declares
+
+
+def _drop_one_pass_before_each_step(ledger, steps, assign=False):
+    """A window of one pass, a clear, another pass, a step (an adversarial attack's pass, or zero_grad() at every
+    micro-batch of a two-pass window); ``assign``: the step's .grad assigned by hand (per-task gradients combined)."""
+    found = []
+    for _ in range(steps):
+        ledger.backward([0, 1])
+        found += ledger.clear([0, 1], "zero_grad")
+        ledger.backward([0, 1])
+        if assign:
+            ledger.replaced([0, 1])
+        found += _step(ledger)
+    return found
+
+
+def test_whole_windows_dropped_before_two_steps_in_a_row_without_accumulation_steps_are_a_clear_inside_them():
+    (discarded,) = _drop_one_pass_before_each_step(Ledger([0, 0], 1), 3)
+    assert (discarded.kind, discarded.step, discarded.detail["how"], discarded.detail["fresh"]) == (
+        k.DISCARDED,
+        2,  # the first drop is a set-up pass, the second may be a NaN guard
+        "repeated",
+        1,
+    )
+    assert "accumulation_steps" in k.format_message(discarded.kind, ("w",), 0, 0, discarded.detail)
+
+
+def test_windows_dropped_before_every_step_are_clean_with_accumulation_steps_or_a_gradient_assigned_by_hand():
+    assert _drop_one_pass_before_each_step(Ledger([0, 0], 1, accumulation_steps=1), 3) == []  # adversarial training
+    assert _drop_one_pass_before_each_step(Ledger([0, 0], 1), 3, assign=True) == []  # PCGrad: read, cleared, set
+    ledger = Ledger([0, 0], 1)
+    assert _drop_one_pass_before_each_step(ledger, 2, assign=True) == []
+    assert kinds(_drop_one_pass_before_each_step(ledger, 2)) == [k.DISCARDED] * 2  # assigned no more: judged again
 
 
 def test_short_windows_between_full_ones_are_an_epoch_tail():

@@ -98,8 +98,9 @@ class ReferenceRules:
                     self._found("discarded-gradient", names, step, backward)
                 elif not whole and step > 0:  # a full window followed: a partial one was dropped (wasted)
                     self._found("dangling-gradient", names, step, backward)
-                elif whole and step > 0 and skipped_before:  # whole windows dropped before two steps in a row
+                elif whole and step > 0 and skipped_before and self.k is None:  # dropped before two steps in a row
                     self._found("discarded-gradient", names, step, backward)
+                    self.skipped = True
                 elif whole and step > 0:
                     self.skipped = True  # one window skipped on purpose
                 if whole:

@@ -41,6 +41,20 @@ def test_zero_grad_every_micro_batch_inside_the_window():
     assert "consumed 1 backward pass(es) but accumulation_steps=2" in mismatch.message
 
 
+def test_zero_grad_every_micro_batch_inside_the_window_without_accumulation_steps():
+    model, opt = reference_model()
+    with watch(model, opt) as w:
+        for i, (x, y) in enumerate(reference_data()):
+            opt.zero_grad()  # wipes the previous micro-batch of the window
+            mse(model, x, y, ACC).backward()
+            if (i + 1) % ACC == 0:
+                opt.step()
+    f = the(w, "discarded-gradient")
+    assert kinds(w) == {"discarded-gradient"}
+    assert (f.params, f.step, f.count) == (("weight", "bias"), 2, 2)  # step 0: a set-up pass, 1: a NaN guard?, 2, 3
+    assert "move zero_grad() after optimizer.step()" in f.message
+
+
 def test_zero_grad_between_last_backward_and_step():
     model, opt = reference_model()
     with watch(model, opt) as w:

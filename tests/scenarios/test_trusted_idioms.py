@@ -7,7 +7,7 @@ from typing import Callable
 
 import pytest
 import torch
-from helpers import bugs, mse, reference_data, watch, window_size
+from helpers import bugs, mse, reference_data, the, watch, window_size
 from torch.utils.checkpoint import checkpoint
 
 ACC = 2
@@ -385,6 +385,89 @@ def test_sharpness_aware_minimization_optimizer_with_a_closure():
             opt.zero_grad()
 
     assert _clean_and_unchanged(build, loop).findings == []
+
+
+# -- passes run only to be read, then cleared: adversarial training, multi-task gradient surgery ------------------
+EPSILON, ALPHA = 0.1, 0.05
+
+
+def _adversarial_training(attack_passes: int):
+    """FGSM (one attack pass) or PGD (several) adversarial training as "Fast is better than free" writes it: the
+    attack's loss.backward() reads the input's gradient and fills the parameters' too, which zero_grad() drops
+    before the training pass."""
+    data = reference_data()
+
+    def loop(model, opts):
+        (opt,) = opts
+        for x, y in data:
+            delta = torch.zeros_like(x).uniform_(-EPSILON, EPSILON).requires_grad_(True)
+            for _ in range(attack_passes):
+                mse(model, x + delta, y).backward()
+                delta.data = (delta + ALPHA * delta.grad.sign()).clamp(-EPSILON, EPSILON)
+                delta.grad.zero_()
+            opt.zero_grad()
+            mse(model, x + delta.detach(), y).backward()
+            opt.step()
+
+    return loop
+
+
+@pytest.mark.parametrize("attack_passes", [1, 3], ids=["fgsm", "pgd"])
+def test_adversarial_training_with_accumulation_steps_is_clean(attack_passes):
+    w = _clean_and_unchanged(_sgd(), _adversarial_training(attack_passes), accumulation_steps=1)
+    assert w.findings == []
+
+
+def test_adversarial_training_without_accumulation_steps_is_told_how_to_tell_its_passes():
+    """Without accumulation_steps a pass dropped before every step looks like a zero_grad() at every micro-batch of
+    a two-pass window (README, Limits); the message says both ways to a clean run, which the test above takes."""
+    model, opts = _sgd()()
+    with watch(model, opts) as w:
+        _adversarial_training(1)(model, opts)
+    f = the(w, "discarded-gradient")
+    assert (f.params, f.step) == (("0.weight", "0.bias", "2.weight", "2.bias"), 2)
+    assert "torch.autograd.grad(...)" in f.message and "pass accumulation_steps to watch()" in f.message
+
+
+class _TwoTasks(torch.nn.Module):
+    def __init__(self, heads: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.shared = torch.nn.Linear(10, 4)
+        self.heads = torch.nn.ModuleList([torch.nn.Linear(4, 1) for _ in range(heads)])
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        h = torch.tanh(self.shared(x))
+        heads = [self.heads[0], self.heads[0]] if len(self.heads) == 1 else list(self.heads)
+        return [torch.nn.functional.mse_loss(head(h) * (t + 1), y) for t, head in enumerate(heads)]
+
+
+@pytest.mark.parametrize("accumulation_steps", [None, 1])
+@pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("heads", [1, 2], ids=["one-head", "a-head-per-task"])
+def test_per_task_gradients_read_cleared_and_combined_by_hand(heads, set_to_none, accumulation_steps):
+    """PCGrad's shape (and other multi-task gradient methods'): per task, zero_grad(), backward, read the
+    gradients; then assign the combined gradient to .grad and step."""
+    data = reference_data()
+
+    def build():
+        model = _TwoTasks(heads)
+        return model, [torch.optim.SGD(model.parameters(), lr=0.01)]
+
+    def loop(model, opts):
+        (opt,) = opts
+        params = list(model.parameters())
+        for x, y in data:
+            per_task = []
+            for loss in model.losses(x, y):
+                opt.zero_grad(set_to_none=set_to_none)
+                loss.backward(retain_graph=True)
+                per_task.append([torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params])
+            for p, *grads in zip(params, *per_task, strict=True):
+                p.grad = torch.stack(grads).mean(0)
+            opt.step()
+
+    assert _clean_and_unchanged(build, loop, accumulation_steps=accumulation_steps).findings == []
 
 
 # -- a gradient already there when watching, cleared before the loop ---------------------------------
