@@ -56,6 +56,7 @@ class LossCall:
     reduction: str
     count: torch.Tensor | float  # the elements the reduction counts (the class-weight sum under ``weight=``)
     mask: torch.Tensor | None  # ``reduction='none'`` with ``ignore_index``: the elements that count
+    targets: float = 0.0  # the elements the reduction could count: ``count`` equals it when none is ignored or weighed
     upstream: torch.Tensor | None = None  # mean/sum: the scalar into the output; none: [total, max, min, n]
     task: int = -1  # the autograd graph task that reached the output
     ordinal: int = 0  # its place among the calls of its function that the same backward pass reached
@@ -64,9 +65,10 @@ class LossCall:
 _POSITIONS = {loss: {name: at for at, name in enumerate(names)} for loss, names in LOSS_ARGUMENTS.items()}
 
 
-def describe_call(loss: str, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str, Any, Any] | None:
-    """(reduction, count, mask) of a loss call, on the device; None for a call the audit cannot weigh (legacy
-    ``size_average``/``reduce``, an element-weighted regression loss, an unknown reduction)."""
+def describe_call(loss: str, args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str, Any, Any, float] | None:
+    """(reduction, count, mask, targets) of a loss call, the count and mask on the device (``targets``: the elements
+    it could count); None for a call the audit cannot weigh (legacy ``size_average``/``reduce``, an
+    element-weighted regression loss, an unknown reduction)."""
     positions = _POSITIONS[loss]
 
     def argument(name: str, default: Any = None) -> Any:
@@ -85,16 +87,17 @@ def describe_call(loss: str, args: Sequence[Any], kwargs: dict[str, Any]) -> tup
     if loss in _CLASS_TARGETS and not target.is_floating_point():
         valid = target != argument("ignore_index", -100)
         if weight is None:
-            return reduction, valid.sum(), valid
+            return reduction, valid.sum(), valid, float(target.numel())
         weights = weight[target.masked_fill(~valid, 0)] * valid
-        return reduction, weights.sum(), valid
+        return reduction, weights.sum(), valid, math.nan  # a sum of class weights: never a count of targets
     if loss in _CLASS_TARGETS:  # class probabilities: the mean is over the batch
-        return reduction, float(input.numel() // input.shape[1] if input.dim() > 1 else 1), None
+        count = float(input.numel() // input.shape[1] if input.dim() > 1 else 1)
+        return reduction, count, None, count
     if weight is not None and not loss.startswith("binary_cross_entropy"):
         return None  # per-element weights of a regression loss: deliberate, and normalised its own way
-    if input.shape == target.shape:
-        return reduction, float(input.numel()), None
-    return reduction, float(math.prod(torch.broadcast_shapes(input.shape, target.shape))), None
+    shape = input.shape if input.shape == target.shape else torch.broadcast_shapes(input.shape, target.shape)
+    count = float(math.prod(shape))
+    return reduction, count, None, count
 
 
 def upstream_of(call: LossCall, grad: torch.Tensor) -> torch.Tensor:
@@ -124,12 +127,14 @@ class LossAudit:
         self._calls = 0
         self._reached: list[LossCall] = []  # outputs the running (or a foreign) graph task reached
         self._by_pass: dict[int, list[LossCall]] = {}
+        # per slot, the elements every pass of the latest audited window held when they were equal (the batch size)
+        self._batch_size: dict[tuple[str, int], float] = {}
 
-    def called(self, loss: str, described: tuple[str, Any, Any]) -> LossCall:
+    def called(self, loss: str, described: tuple[str, Any, Any, float]) -> LossCall:
         """A loss call to audit (its output requires grad)."""
         self._calls += 1
-        reduction, count, mask = described
-        return LossCall(loss, self._calls, reduction, count, mask)
+        reduction, count, mask, targets = described
+        return LossCall(loss, self._calls, reduction, count, mask, targets)
 
     def reached(self, call: LossCall, grad: torch.Tensor, task: int) -> None:
         """A backward pass (graph task ``task``) reached the call's output with ``grad``."""
@@ -194,13 +199,17 @@ class LossAudit:
             if call.reduction == "none":
                 total, highest, lowest, n = up
                 even = n > 0 and lowest > 0 and highest <= lowest * (1 + TOLERANCE)
-                weighed.append(_Weighed(b, call, n, highest if even else None, total / scale))
+                weighed.append(_Weighed(b, call, n, highest if even else None, total / scale, False))
             elif n > 0:
                 unit = up[0] / n if call.reduction == "mean" else up[0]
                 total = up[0] if call.reduction == "mean" else up[0] * n
-                weighed.append(_Weighed(b, call, n, unit / scale, total / scale))
+                weighed.append(_Weighed(b, call, n, unit / scale, total / scale, n == call.targets))
         slots = {(w.call.loss, w.call.ordinal) for w in weighed}
-        out = [*_uneven(weighed, step, last), *_scaled(weighed, slots, step, last, passes, accumulation)]
+        out = [
+            *_uneven(weighed, step, last, self._batch_size),
+            *_scaled(weighed, slots, step, last, passes, accumulation),
+        ]
+        self._note_batch_sizes(weighed)
         units = [w.unit for w in weighed if w.unit]
         summary = LossWeights(
             optimizer,
@@ -214,6 +223,15 @@ class LossAudit:
         )
         return out, summary
 
+    def _note_batch_sizes(self, weighed: list[_Weighed]) -> None:
+        """Per slot, the elements its passes held in this window when they held the same number, all counted."""
+        by_slot: dict[tuple[str, int], set[float]] = {}
+        for w in weighed:
+            by_slot.setdefault((w.call.loss, w.call.ordinal), set()).add(w.elements if w.all_counted else math.nan)
+        for slot, counts in by_slot.items():
+            if len(counts) == 1 and not math.isnan(size := next(iter(counts))):
+                self._batch_size[slot] = size
+
 
 class _Weighed(NamedTuple):
     """One loss call of a window, read: what one counted element weighs (None: its elements weigh differently,
@@ -224,18 +242,24 @@ class _Weighed(NamedTuple):
     elements: float
     unit: float | None
     total: float
+    all_counted: bool  # every element of the target counted once (none ignored, no class weights)
 
 
-def _uneven(weighed: list[_Weighed], step: int, last: int) -> list[Occurrence]:
-    """``uneven-loss-weights``: one slot's elements weigh differently in two passes of the window."""
+def _uneven(
+    weighed: list[_Weighed], step: int, last: int, batch_size: dict[tuple[str, int], float]
+) -> list[Occurrence]:
+    """``uneven-loss-weights``: one slot's elements weigh differently in two passes of the window (``batch_size``: see
+    ``_short_last_batch``)."""
     by_slot: dict[tuple[str, int], list[_Weighed]] = {}
     for w in weighed:
         if w.unit:
             by_slot.setdefault((w.call.loss, w.call.ordinal), []).append(w)
-    for (loss, _), entries in by_slot.items():
+    for (loss, ordinal), entries in by_slot.items():
         heavy = max(entries, key=lambda w: w.unit)  # type: ignore[arg-type, return-value]
         light = min(entries, key=lambda w: w.unit)  # type: ignore[arg-type, return-value]
         if heavy.backward == light.backward or heavy.unit <= light.unit * (1 + TOLERANCE):  # type: ignore[operator]
+            continue
+        if _short_last_batch(entries, batch_size.get((loss, ordinal))):
             continue
         detail = {
             "how": "mean" if heavy.call.reduction == "mean" and light.call.reduction == "mean" else "other",
@@ -248,6 +272,25 @@ def _uneven(weighed: list[_Weighed], step: int, last: int) -> list[Occurrence]:
         }
         return [Occurrence(k.UNEVEN_LOSS_WEIGHTS, (), step, last, detail)]
     return []
+
+
+def _short_last_batch(entries: list[_Weighed], batch_size: float | None) -> bool:
+    """Whether one slot's weights differ only because the window's last micro-batch holds fewer elements than its
+    others, which hold the batch size of an earlier even window and weigh the same: an epoch's last batch (a
+    DataLoader without ``drop_last``), whose mean weighs its elements more in that one window. Batch sizes that vary
+    from the start, or a count that varies from batch to batch (ignored or class-weighted targets: tokens), are not
+    this."""
+    last = max(entries, key=lambda w: w.backward)
+    others = [w for w in entries if w.backward != last.backward]
+    if not others or not all(w.all_counted for w in entries):
+        return False
+    full, unit = others[0].elements, others[0].unit
+    return (
+        full == batch_size
+        and last.elements < full
+        and all(w.elements == full and abs(w.unit - unit) <= TOLERANCE * unit for w in others)  # type: ignore[operator]
+        and last.unit > unit  # type: ignore[operator]
+    )
 
 
 def _scaled(
