@@ -199,7 +199,7 @@ class LossAudit:
             if call.reduction == "none":
                 total, highest, lowest, n = up
                 even = n > 0 and lowest > 0 and highest <= lowest * (1 + TOLERANCE)
-                weighed.append(_Weighed(b, call, n, highest if even else None, total / scale, False))
+                weighed.append(_Weighed(b, call, n, highest if even else None, total / scale, n == call.targets))
             elif n > 0:
                 unit = up[0] / n if call.reduction == "mean" else up[0]
                 total = up[0] if call.reduction == "mean" else up[0] * n

@@ -197,7 +197,8 @@ def test_validation_losses_and_autograd_grad_are_not_counted():
     assert w.findings == []
 
 
-def test_the_epochs_short_last_batch_in_a_full_window_is_clean():
+@pytest.mark.parametrize("reduction", ["mean", "none"], ids=["mean", "none-then-mean"])
+def test_the_epochs_short_last_batch_in_a_full_window_is_clean(reduction):
     """A DataLoader without drop_last: 30 samples in batches of 4 end each epoch on a batch of 2, accumulated with a
     full one; each micro-batch's mean weighs the short batch's samples twice in that window, as every such loop does."""
     g = torch.Generator().manual_seed(0)
@@ -207,14 +208,15 @@ def test_the_epochs_short_last_batch_in_a_full_window_is_clean():
     with watch(model, opt, accumulation_steps=ACC) as w:
         for _ in range(3):
             for i, (xb, yb) in enumerate(loader):
-                mse(model, xb, yb, ACC).backward()
+                (F.mse_loss(model(xb), yb, reduction=reduction).mean() / ACC).backward()
                 if (i + 1) % ACC == 0 or i + 1 == len(loader):
                     opt.step()
                     opt.zero_grad()
     assert w.findings == []
 
 
-def test_a_short_batch_inside_the_window_or_of_counted_tokens_is_still_a_mean_of_means():
+@pytest.mark.parametrize("reduction", ["mean", "none"], ids=["mean", "none-then-mean"])
+def test_a_short_batch_inside_the_window_or_of_counted_tokens_is_still_a_mean_of_means(reduction):
     """The short batch first in its window is no epoch's last; fewer tokens counted in the last batch than in the
     others (padding ignored) is the token mean of means."""
     data = reference_data(4)
@@ -223,7 +225,7 @@ def test_a_short_batch_inside_the_window_or_of_counted_tokens_is_still_a_mean_of
         for i, (x, y) in enumerate(data):
             if i % ACC == 0:
                 x, y = x[:2], y[:2]
-            mse(model, x, y, ACC).backward()
+            (F.mse_loss(model(x), y, reduction=reduction).mean() / ACC).backward()
             if (i + 1) % ACC == 0:
                 opt.step()
                 opt.zero_grad()
