@@ -24,14 +24,19 @@ def test_missing_zero_grad(accumulation_steps):
     assert "zero_grad()" in f.message
 
 
-def test_zero_grad_every_micro_batch_inside_the_window():
+def _zero_grad_every_micro_batch(accumulation_steps):
     model, opt = reference_model()
-    with watch(model, opt, accumulation_steps=ACC) as w:
+    with watch(model, opt, accumulation_steps=accumulation_steps) as w:
         for i, (x, y) in enumerate(reference_data()):
             opt.zero_grad()  # wipes the previous micro-batch of the window
             mse(model, x, y, ACC).backward()
             if (i + 1) % ACC == 0:
                 opt.step()
+    return w
+
+
+def test_zero_grad_every_micro_batch_inside_the_window():
+    w = _zero_grad_every_micro_batch(ACC)
     f = the(w, "discarded-gradient")
     assert f.params == ("weight", "bias")
     assert (f.step, f.backward) == (0, 1)
@@ -42,13 +47,7 @@ def test_zero_grad_every_micro_batch_inside_the_window():
 
 
 def test_zero_grad_every_micro_batch_inside_the_window_without_accumulation_steps():
-    model, opt = reference_model()
-    with watch(model, opt) as w:
-        for i, (x, y) in enumerate(reference_data()):
-            opt.zero_grad()  # wipes the previous micro-batch of the window
-            mse(model, x, y, ACC).backward()
-            if (i + 1) % ACC == 0:
-                opt.step()
+    w = _zero_grad_every_micro_batch(None)
     f = the(w, "discarded-gradient")
     assert kinds(w) == {"discarded-gradient"}
     assert (f.params, f.step, f.count) == (("weight", "bias"), 2, 2)  # step 0: a set-up pass, 1: a NaN guard?, 2, 3
