@@ -391,10 +391,10 @@ def test_sharpness_aware_minimization_optimizer_with_a_closure():
 EPSILON, ALPHA = 0.1, 0.05
 
 
-def _adversarial_training(attack_passes: int):
+def _adversarial_training(attack_passes: int, by_autograd_grad: bool = False):
     """FGSM (one attack pass) or PGD (several) adversarial training as "Fast is better than free" writes it: the
     attack's loss.backward() reads the input's gradient and fills the parameters' too, which zero_grad() drops
-    before the training pass."""
+    before the training pass (``by_autograd_grad``: the attack asks torch.autograd.grad for the input's only)."""
     data = reference_data()
 
     def loop(model, opts):
@@ -402,9 +402,14 @@ def _adversarial_training(attack_passes: int):
         for x, y in data:
             delta = torch.zeros_like(x).uniform_(-EPSILON, EPSILON).requires_grad_(True)
             for _ in range(attack_passes):
-                mse(model, x + delta, y).backward()
-                delta.data = (delta + ALPHA * delta.grad.sign()).clamp(-EPSILON, EPSILON)
-                delta.grad.zero_()
+                if by_autograd_grad:
+                    (grad,) = torch.autograd.grad(mse(model, x + delta, y), delta)
+                else:
+                    mse(model, x + delta, y).backward()
+                    grad = delta.grad
+                delta.data = (delta + ALPHA * grad.sign()).clamp(-EPSILON, EPSILON)
+                if delta.grad is not None:
+                    delta.grad.zero_()
             opt.zero_grad()
             mse(model, x + delta.detach(), y).backward()
             opt.step()
@@ -427,6 +432,7 @@ def test_adversarial_training_without_accumulation_steps_is_told_how_to_tell_its
     f = the(w, "discarded-gradient")
     assert (f.params, f.step) == (("0.weight", "0.bias", "2.weight", "2.bias"), 2)
     assert "torch.autograd.grad(...)" in f.message and "pass accumulation_steps to watch()" in f.message
+    assert _clean_and_unchanged(_sgd(), _adversarial_training(1, by_autograd_grad=True)).findings == []
 
 
 class _TwoTasks(torch.nn.Module):
