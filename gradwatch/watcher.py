@@ -167,8 +167,14 @@ class Watcher:
 
     @property
     def accumulation_steps(self) -> int | None:
-        """The backward passes each step is meant to consume (None: not checked)."""
+        """The backward passes each step is meant to consume (None: not checked). Settable between two windows (an
+        accumulation schedule, such as Lightning's ``GradientAccumulationScheduler``): the next step is judged by the
+        new value."""
         return self._tracker.ledger.accumulation_steps
+
+    @accumulation_steps.setter
+    def accumulation_steps(self, steps: int | None) -> None:
+        self._tracker.ledger.accumulation_steps = _checked_accumulation_steps(steps)
 
     def _finding_to_sinks(self, finding: Finding) -> None:
         self._sinks.finding(finding)
@@ -232,12 +238,7 @@ def watch(
         raise TypeError(f"watch() expects a torch.nn.Module as model, got {type(model).__name__}")
     _refuse_sharded(model)
     optimizers = _optimizers(optimizer)
-    if accumulation_steps is not None:
-        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, numbers.Integral):
-            raise TypeError(f"accumulation_steps must be an int >= 1 or None, got {type(accumulation_steps).__name__}")
-        accumulation_steps = int(accumulation_steps)  # numpy and torch integers too
-        if accumulation_steps < 1:
-            raise ValueError(f"accumulation_steps must be >= 1 (backward passes per step), got {accumulation_steps}")
+    accumulation_steps = _checked_accumulation_steps(accumulation_steps)
     if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
         raise TypeError(f"logdir must be a str or os.PathLike, got {type(logdir).__name__}")
     if isinstance(on_finding, str):
@@ -269,6 +270,17 @@ def watch(
             with contextlib.suppress(Exception):
                 sink.abandon()
         raise
+
+
+def _checked_accumulation_steps(steps: Any) -> int | None:
+    if steps is None:
+        return None
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"accumulation_steps must be an int >= 1 or None, got {type(steps).__name__}")
+    steps = int(steps)  # numpy and torch integers too
+    if steps < 1:
+        raise ValueError(f"accumulation_steps must be >= 1 (backward passes per step), got {steps}")
+    return steps
 
 
 def _close_sinks(sinks: Sinks) -> None:

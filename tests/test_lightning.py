@@ -29,12 +29,13 @@ class Regressor(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def _fit(tmp_path, module, batches=8, accumulate=2, **callback_kwargs):
+def _fit(tmp_path, module, batches=8, accumulate=2, epochs=2, before=(), after=(), **callback_kwargs):
+    """A fit of ``epochs``; ``before`` and ``after``: callbacks around gradwatch's."""
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(4 * batches, 10), torch.randn(4 * batches, 1))
     callback = GradwatchCallback(**callback_kwargs)
     trainer = pl.Trainer(
-        max_epochs=2,
+        max_epochs=epochs,
         accumulate_grad_batches=accumulate,
         accelerator="cpu",
         devices=1,
@@ -42,7 +43,7 @@ def _fit(tmp_path, module, batches=8, accumulate=2, **callback_kwargs):
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[callback],
+        callbacks=[*before, callback, *after],
     )
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
     return callback.watcher
@@ -57,6 +58,19 @@ def test_clean_fit_with_accumulation(tmp_path):
     assert watcher._tracker.ledger.backwards == 16
     trace = tmp_path / "lightning_logs" / "version_0" / "gradwatch" / "gradwatch-trace.jsonl"
     assert trace.exists()  # through the trainer's TensorBoard logger
+
+
+@pytest.mark.parametrize("order", ["scheduler-first", "gradwatch-first"])
+@pytest.mark.filterwarnings("ignore::UserWarning:pytorch_lightning")
+def test_an_accumulation_schedule_is_followed(tmp_path, order):
+    from pytorch_lightning.callbacks import GradientAccumulationScheduler
+
+    scheduler = [GradientAccumulationScheduler(scheduling={0: 4, 2: 2})]
+    around = {"before": scheduler} if order == "scheduler-first" else {"after": scheduler}
+    watcher = _fit(tmp_path, Regressor(), accumulate=1, epochs=4, on_finding="record", **around)
+    assert watcher.findings == []
+    assert watcher._tracker.ledger.steps == [12]  # 8 batches an epoch: 2 steps in epochs 0-1, 4 in epochs 2-3
+    assert watcher.accumulation_steps == 2
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning:pytorch_lightning")

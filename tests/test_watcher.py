@@ -50,6 +50,23 @@ def test_bad_arguments_fail_fast_with_a_message(kwargs, error, text):
     assert model.weight._post_accumulate_grad_hooks in (None, {})  # nothing was left attached
 
 
+def test_accumulation_steps_can_change_between_windows_and_is_checked_like_at_watch():
+    model, opt = reference_model()
+    data = reference_data()
+    with watch(model, opt, accumulation_steps=2) as w:
+        reference_loop(model, opt, data[:4], 2)  # two windows of 2
+        w.accumulation_steps = 4  # an accumulation schedule
+        reference_loop(model, opt, data, 4)  # two windows of 4: clean
+        assert w.findings == []
+        reference_loop(model, opt, data[:4], 2)  # the loop went on with windows of 2
+        for bad, error in [("4", TypeError), (0, ValueError), (True, TypeError)]:
+            with pytest.raises(error, match="accumulation_steps must be"):
+                w.accumulation_steps = bad
+    mismatch = w.findings[0]
+    assert (mismatch.kind, mismatch.step) == ("accumulation-mismatch", 5)  # step 4 could be an epoch's short end
+    assert w.accumulation_steps == 4
+
+
 def test_optimizer_of_another_model_is_refused():
     model, _ = reference_model()
     other = torch.nn.Linear(3, 3)

@@ -3,8 +3,9 @@
     trainer = Trainer(accumulate_grad_batches=2, callbacks=[GradwatchCallback()])
 
 It attaches in ``on_fit_start`` to the LightningModule and the trainer's optimizers, takes the accumulation
-steps from ``accumulate_grad_batches``, writes to ``<TensorBoardLogger.log_dir>/gradwatch`` when the trainer
-logs to TensorBoard, and detaches in ``on_fit_end`` (or when the fit raises).
+steps from ``accumulate_grad_batches`` (and follows it when a ``GradientAccumulationScheduler`` changes it),
+writes to ``<TensorBoardLogger.log_dir>/gradwatch`` when the trainer logs to TensorBoard, and detaches in
+``on_fit_end`` (or when the fit raises).
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ class GradwatchCallback(pl.Callback):
         self.logdir = logdir
         self.watch_kwargs = watch_kwargs
         self.watcher: Watcher | None = None
+        self._follows_trainer = False  # the accumulation steps are the trainer's, which a scheduler may change
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         accumulation = self.accumulation_steps
+        self._follows_trainer = accumulation == AUTO and pl_module.automatic_optimization
         if accumulation == AUTO:
             # manual optimization does its own accumulation, outside Lightning's setting
             accumulation = trainer.accumulate_grad_batches if pl_module.automatic_optimization else None
@@ -51,6 +54,12 @@ class GradwatchCallback(pl.Callback):
             self.watcher = watch(pl_module, list(trainer.optimizers), accumulation, logdir=logdir, **self.watch_kwargs)
         except UnsupportedSetup as error:  # (FSDP) say so loudly, and never stop the training for it
             warn(f"gradwatch cannot watch this fit, which runs unwatched (NOTHING IS CHECKED): {error}")
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        # a GradientAccumulationScheduler sets accumulate_grad_batches when an epoch starts, between two windows
+        steps, watcher = trainer.accumulate_grad_batches, self.watcher
+        if self._follows_trainer and watcher is not None and watcher.accumulation_steps != steps:
+            watcher.accumulation_steps = steps
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self._detach()
