@@ -824,14 +824,14 @@ class Tracker:
                 versions[i] = grad._version
                 if not fresh[i]:
                     (supplied if supply else cleared).append(i)
-                else:
+                elif supply:
                     replaced.append(i)
         out = self._clear(cleared, SET_TO_NONE) if cleared else []
         if zeroed_consumed:  # a rare path (the step consumes nothing fresh): read whether they were zeroed
             ledger.clear_consumed(self._hand_zeroed(zeroed_consumed, list(range(len(zeroed_consumed)))))
         if supplied:
             ledger.supplied(supplied)
-        if replaced and supply:
+        if replaced:
             ledger.replaced(replaced)
         return out
 

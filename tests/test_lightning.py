@@ -73,6 +73,22 @@ def test_an_accumulation_schedule_is_followed(tmp_path, order):
     assert watcher.accumulation_steps == 2
 
 
+def test_a_value_the_watch_cannot_take_stops_the_following_with_a_warning_not_the_fit():
+    from types import SimpleNamespace
+
+    import gradwatch
+
+    model = torch.nn.Linear(2, 1)
+    callback = GradwatchCallback()
+    callback.watcher = gradwatch.watch(model, torch.optim.SGD(model.parameters(), lr=0.1), 2, on_finding="record")
+    callback._follows_trainer = True
+    with pytest.warns(gradwatch.GradientWarning, match="stops following accumulate_grad_batches"):
+        callback.on_train_batch_start(SimpleNamespace(accumulate_grad_batches=0), None, None, 0)
+    callback.on_train_batch_start(SimpleNamespace(accumulate_grad_batches=0), None, None, 1)  # once only
+    assert callback.watcher.accumulation_steps == 2
+    callback.watcher.detach()
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning:pytorch_lightning")
 def test_epoch_ending_on_a_short_window_is_no_mismatch_but_lightning_scales_its_loss_by_the_full_window(tmp_path):
     watcher = _fit(tmp_path, Regressor(), batches=7, on_finding="record")

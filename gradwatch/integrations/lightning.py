@@ -59,7 +59,14 @@ class GradwatchCallback(pl.Callback):
         # a GradientAccumulationScheduler sets accumulate_grad_batches when an epoch starts, between two windows
         steps, watcher = trainer.accumulate_grad_batches, self.watcher
         if self._follows_trainer and watcher is not None and watcher.accumulation_steps != steps:
-            watcher.accumulation_steps = steps
+            try:
+                watcher.accumulation_steps = steps
+            except (TypeError, ValueError) as error:  # never break the fit: stop following, say so once
+                self._follows_trainer = False
+                warn(
+                    f"gradwatch stops following accumulate_grad_batches ({error}); windows are checked against "
+                    f"{watcher.accumulation_steps}"
+                )
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self._detach()
