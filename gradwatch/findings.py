@@ -122,7 +122,8 @@ _MESSAGES: Mapping[str | tuple[str, str], str] = {
         "no optimizer step consumed: those batches were never trained on (an epoch whose length is not a multiple "
         "of the accumulation steps). Step on the epoch's last, shorter window too (e.g. step when "
         "(i + 1) % accumulation_steps == 0 or i + 1 == len(loader)), or make the number of batches per epoch a "
-        "multiple of the accumulation steps."
+        "multiple of the accumulation steps. If the loop ran that pass only to read its gradient (gradient logging, "
+        "an adversarial attack), compute it with torch.autograd.grad(...) instead, which leaves .grad alone."
     ),
     UNUSED: (
         "{params} never received a gradient although optimizer steps ran. If that is intended (a frozen or "

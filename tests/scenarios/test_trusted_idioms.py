@@ -435,6 +435,39 @@ def test_adversarial_training_without_accumulation_steps_is_told_how_to_tell_its
     assert _clean_and_unchanged(_sgd(), _adversarial_training(1, by_autograd_grad=True)).findings == []
 
 
+def _gradient_logging(by_autograd_grad: bool):
+    """Before each window of 2, the gradient of a probe batch is read for logging: by backward() then zero_grad()
+    (a partial window dropped before each step), or by torch.autograd.grad."""
+    data = reference_data()
+    probe = reference_data(1, seed=1)[0]
+
+    def loop(model, opts):
+        (opt,) = opts
+        for i, (x, y) in enumerate(data):
+            if i % ACC == 0:
+                if by_autograd_grad:
+                    torch.autograd.grad(mse(model, *probe), list(model.parameters()))
+                else:
+                    mse(model, *probe).backward()
+                    opt.zero_grad()
+            mse(model, x, y, ACC).backward()
+            if (i + 1) % ACC == 0:
+                opt.step()
+                opt.zero_grad()
+
+    return loop
+
+
+def test_a_gradient_read_by_backward_inside_an_accumulation_loop_is_told_to_use_autograd_grad():
+    model, opts = _sgd()()
+    with watch(model, opts, accumulation_steps=ACC) as w:
+        _gradient_logging(by_autograd_grad=False)(model, opts)
+    f = the(w, "dangling-gradient")
+    assert (f.params, f.step) == (("0.weight", "0.bias", "2.weight", "2.bias"), 1)
+    assert "torch.autograd.grad(...)" in f.message
+    assert _clean_and_unchanged(_sgd(), _gradient_logging(by_autograd_grad=True), accumulation_steps=ACC).findings == []
+
+
 class _TwoTasks(torch.nn.Module):
     def __init__(self, heads: int) -> None:
         super().__init__()
