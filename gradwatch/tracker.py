@@ -96,8 +96,8 @@ class Tracker:
         if self._reduce_scatters:
             ledger.collective = "reduce-scatter"
         self._weight_versions = [p._version for p in params]  # at the latest step: weights moved outside a step?
-        self._continuing_pass = False  # a step inside the running backward pass booked part of it already
-        self._booked_in_pass: list[int] | None = None  # what those steps booked of the pass (None: nothing yet)
+        # what steps taken inside the running backward pass booked of it (None: no such step, nothing booked yet)
+        self._booked_in_pass: list[int] | None = None
         self._clipping: list[tuple[int, torch.Tensor]] = []  # gradients a running clip changes, seen unchanged
         self._probes: dict[int, int] = {}  # per optimizer, a parameter of the latest pass: changed in place since?
         self._rotation = 0  # the parameter the rotating probe looks at next
@@ -167,11 +167,11 @@ class Tracker:
         """One backward pass finished; ``grads`` maps each parameter it reached to its ``.grad``, ``incoming``
         (TensorBoard only) to the device norm of what it added; ``held``: parameters whose contribution FSDP2 kept
         out of ``.grad`` (gradient sync off), to land there at the next synced pass."""
-        continuing, self._continuing_pass = self._continuing_pass, False
         if not self.stopped:
-            self._outbox.findings(self._book_pass(grads, incoming, continuing, held))
+            self._outbox.findings(self._book_pass(grads, incoming, self._booked_in_pass is not None, held))
             if self._audit is not None:
                 self._audit.pass_ended(self.ledger.backwards - 1, current_graph_task())
+        self._booked_in_pass = None
         self._clear_counted = False
 
     def on_loss(self, loss: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> LossCall | None:
@@ -312,9 +312,7 @@ class Tracker:
             ref = refs[i]
             if ref is None or ref() is not grad or grad._version != versions[i]:
                 grads[i] = grad
-        out = self._book_pass(grads, None, self._continuing_pass, part=True)
-        self._continuing_pass = True
-        self._outbox.findings(out)
+        self._outbox.findings(self._book_pass(grads, None, self._booked_in_pass is not None, part=True))
 
     def _book_pass(
         self,
@@ -359,7 +357,7 @@ class Tracker:
         out = self._clear(cleared, SET_TO_NONE, count=not self._clear_counted) if cleared else []
         self._clear_counted = self._clear_counted or bool(cleared)
         if continuing and not contributed:
-            if not part and self._booked_in_pass is not None:
+            if not part:
                 self._pass_to_sinks(ledger.backwards - 1, [], None, incoming)
             return out
         backward = ledger.backwards - 1 if continuing else ledger.backwards
@@ -385,12 +383,10 @@ class Tracker:
             synced = bool(contributed)
         if synced:
             ledger.backward_synced()
-        if self._telemetry is not None:
-            reached = [*contributed, *held] if held else contributed
-            if part:
-                self._booked_in_pass = [*(self._booked_in_pass or ()), *reached]
-            else:
-                self._pass_to_sinks(backward, reached, synced, incoming)
+        if part:
+            self._booked_in_pass = [*(self._booked_in_pass or ()), *contributed, *held]
+        elif self._telemetry is not None:
+            self._pass_to_sinks(backward, [*contributed, *held] if held else contributed, synced, incoming)
         if self._zeroed:
             for i in contributed:
                 if not ledger.is_mixed(i):
